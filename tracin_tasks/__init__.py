@@ -1,0 +1,13 @@
+"""tracin-tasks: find likely mislabeled training rows with TracIn self-influence.
+
+The public names live here; nothing optional (Prefect, MLflow, Great Expectations, Dask) is
+imported by this module.
+"""
+
+from tracin_tasks import exceptions
+from tracin_tasks.core import Checkpoint, TopInfluence, TracIn
+from tracin_tasks.exceptions import TracInError
+
+__version__ = "0.1.0"
+
+__all__ = ["Checkpoint", "TopInfluence", "TracIn", "TracInError", "exceptions", "__version__"]

@@ -1,0 +1,7 @@
+"""TracIn math on tensors. Imports torch, numpy and pandas only — never an orchestration or
+tracking library — so it runs on a bare GPU box."""
+
+from tracin_tasks.core.checkpoint import Checkpoint
+from tracin_tasks.core.tracin import TopInfluence, TracIn
+
+__all__ = ["Checkpoint", "TopInfluence", "TracIn"]

@@ -1,0 +1,168 @@
+"""Which parameters get the closed-form fast path, and how their factors are captured.
+
+A forward hook on each supported module keeps what went into it and its output; after one
+backward pass to those outputs (never to the weights), :func:`factors_for` turns each
+(input, output-gradient) pair into the factors of :mod:`tracin_tasks.core.factors`.
+
+Supported exactly (``type(module) is ...``, so subclasses with their own ``forward`` go to the
+generic path): ``nn.Linear`` (any number of leading dimensions), ``nn.Conv1d``/``nn.Conv2d``
+(any padding mode, stride, dilation, groups), ``nn.Embedding`` and the affine parameters of
+``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm1d/2d/3d`` (running statistics) and
+``InstanceNorm1d/2d/3d``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tracin_tasks.core.factors import DenseFactor, Factor, OuterFactor
+
+_NORMS = (
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.GroupNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+_FAST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding) + _NORMS
+
+
+def fast_param_names(module: nn.Module) -> set[str]:
+    """Names of the module's own parameters that the closed-form path can handle."""
+    if type(module) not in _FAST_TYPES:
+        return set()
+    if isinstance(module, nn.Embedding):
+        # scale_grad_by_freq divides by token counts over the whole batch: rows interact
+        return set() if module.scale_grad_by_freq else {"weight"}
+    return {"weight", "bias"}
+
+
+def batch_coupling(module: nn.Module) -> str | None:
+    """Say why a module makes one row's output depend on the other rows of its batch."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+        return (
+            f"{type(module).__name__} without running statistics normalises each batch with "
+            "its own statistics, so a row's gradient depends on the rest of its batch"
+        )
+    return None
+
+
+@dataclass
+class Capture:
+    """Records (input, output) of one module during a forward pass."""
+
+    name: str
+    module: nn.Module
+    params: dict[str, nn.Parameter]  # selected own parameters on the fast path
+    records: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    active: bool = False
+
+    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self.active and args and isinstance(output, torch.Tensor) and output.requires_grad:
+            self.records.append((args[0].detach(), output))
+
+
+def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Unfold the input of a 1-D or 2-D convolution into patches: ``(B, C_in·k, L)``."""
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    pad = list(module._reversed_padding_repeated_twice)
+    if any(pad):
+        x = F.pad(x, pad, mode=mode)
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel, dilation, stride = (1, module.kernel_size[0]), (1, module.dilation[0]), (1, module.stride[0])
+    else:
+        kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
+    return F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)
+
+
+def _normalised(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The normalised input x̂ (before the affine part) and how many trailing dims are affine."""
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps), len(module.normalized_shape)
+    if isinstance(module, nn.RMSNorm):
+        return F.rms_norm(x, module.normalized_shape, None, module.eps), len(module.normalized_shape)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, None, None, module.eps), -1
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        xh = F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
+        return xh, -1
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        use_input_stats = module.training or not module.track_running_stats
+        xh = F.instance_norm(
+            x, module.running_mean, module.running_var, None, None, use_input_stats, 0.0, module.eps
+        )
+        return xh, -1
+    raise TypeError(type(module).__name__)
+
+
+def factors_for(capture: Capture, grads: list[torch.Tensor | None]) -> dict[str, Factor]:
+    """Turn the recorded calls of one module and their output gradients into factors.
+
+    A module called several times in one forward pass (a shared block) contributes the sum of
+    its calls' gradients, i.e. its positions are concatenated.
+    """
+    module = capture.module
+    pairs = [(inp, g if g is not None else torch.zeros_like(out)) for (inp, out), g in zip(capture.records, grads)]
+    out: dict[str, Factor] = {}
+    if isinstance(module, nn.Linear):
+        us, vs = [], []
+        for a, g in pairs:
+            b = a.shape[0]
+            us.append(a.reshape(b, 1, -1, a.shape[-1]))
+            vs.append(g.reshape(b, 1, -1, g.shape[-1]))
+        u, v = torch.cat(us, 2), torch.cat(vs, 2)
+        if "weight" in capture.params:
+            out["weight"] = OuterFactor(u.to(v.dtype), v)
+        if "bias" in capture.params:
+            out["bias"] = DenseFactor(v.sum(2).reshape(v.shape[0], -1))
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        groups = module.groups
+        us, vs = [], []
+        for x, g in pairs:
+            b = x.shape[0]
+            patches = _conv_patches(module, x)  # (B, C_in·k, L)
+            length = patches.shape[-1]
+            us.append(patches.reshape(b, groups, -1, length).transpose(2, 3))
+            vs.append(g.reshape(b, groups, -1, length).transpose(2, 3))
+        u, v = torch.cat(us, 2), torch.cat(vs, 2)
+        if "weight" in capture.params:
+            out["weight"] = OuterFactor(u.to(v.dtype), v)
+        if "bias" in capture.params:
+            out["bias"] = DenseFactor(v.sum(2).reshape(v.shape[0], -1))
+    elif isinstance(module, nn.Embedding):
+        idx_parts, vs = [], []
+        for idx, g in pairs:
+            b = idx.shape[0]
+            idx = idx.reshape(b, -1).long()
+            if module.padding_idx is not None:
+                idx = torch.where(idx == module.padding_idx, torch.full_like(idx, -1), idx)
+            idx_parts.append(idx)
+            vs.append(g.reshape(b, 1, -1, g.shape[-1]))
+        out["weight"] = OuterFactor(torch.cat(idx_parts, 1), torch.cat(vs, 2), module.num_embeddings)
+    else:  # normalisation layers: per-row gradients are as small as one activation
+        w_parts, b_parts = [], []
+        for x, g in pairs:
+            xh, n_affine = _normalised(module, x)
+            b = x.shape[0]
+            if n_affine > 0:  # LayerNorm/RMSNorm: affine over the trailing dims
+                reduce = tuple(range(1, g.dim() - n_affine))
+            else:  # channel-wise: dim 1 is the channel
+                reduce = tuple(range(2, g.dim()))
+            wg = (g * xh).sum(reduce) if reduce else g * xh
+            bg = g.sum(reduce) if reduce else g
+            w_parts.append(wg.reshape(b, -1))
+            b_parts.append(bg.reshape(b, -1))
+        if "weight" in capture.params:
+            out["weight"] = DenseFactor(torch.stack(w_parts).sum(0))
+        if "bias" in capture.params:
+            out["bias"] = DenseFactor(torch.stack(b_parts).sum(0))
+    return out
