@@ -70,6 +70,49 @@ class NonFiniteGradientError(TracInError, ArithmeticError):
         self.rows = list(rows or [])
 
 
+
+
+class MissingExtraError(TracInError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+class RunNotFoundError(TracInError, LookupError):
+    """The tracking server has no run with this id."""
+
+
+class NoCheckpointsError(CheckpointError):
+    """A training run has no checkpoints that an audit can use."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint would need unpickling arbitrary objects, and the user did not opt in."""
+
+
+class ModelFactoryError(TracInError, ImportError):
+    """The model factory recorded for a run (``module:function``) cannot be imported or called."""
+
+
+class TrainingDataError(DataError):
+    """A run's training data is missing, unreadable or malformed."""
+
+
+class TrackingServerUnavailableError(TracInError, ConnectionError):
+    """The tracking server did not answer after bounded retries."""
+
+
+def require_extra(module: str, extra: str):
+    """Import an optional dependency, or raise :class:`MissingExtraError` naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingExtraError(
+            f"This feature needs the optional dependency {module!r}, which is not installed: "
+            f"pip install 'tracin-tasks[{extra}]'."
+        ) from exc
+
+
 __all__ = [
     "TracInError",
     "ConfigurationError",
@@ -83,4 +126,12 @@ __all__ = [
     "LabelOutOfRangeError",
     "LossError",
     "NonFiniteGradientError",
+    "MissingExtraError",
+    "RunNotFoundError",
+    "NoCheckpointsError",
+    "UnsafeCheckpointError",
+    "ModelFactoryError",
+    "TrainingDataError",
+    "TrackingServerUnavailableError",
+    "require_extra",
 ]

@@ -6,9 +6,11 @@ the benchmarks and the tests; needs the ``examples`` extra (scikit-learn).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -33,6 +35,14 @@ class NoisyDigits:
     true_labels: np.ndarray
     flipped: np.ndarray
     row_id: np.ndarray
+
+    def frame(self) -> pd.DataFrame:
+        """The training table: ``row_id``, ``label`` (as given) and 64 pixel columns ``px_0..px_63``."""
+        pixels = self.images.reshape(len(self.images), -1)
+        df = pd.DataFrame(pixels, columns=[f"px_{i}" for i in range(pixels.shape[1])])
+        df.insert(0, "label", self.labels)
+        df.insert(0, "row_id", self.row_id)
+        return df
 
     def dataset(self) -> torch.utils.data.TensorDataset:
         """The rows as a TensorDataset of (image, given label)."""
@@ -103,11 +113,13 @@ def train_with_checkpoints(
     learning_rate: float = 0.05,
     batch_size: int = 64,
     seed: int = 0,
+    on_checkpoint: Callable[[nn.Module, int, float], None] | None = None,
 ) -> list[Checkpoint]:
     """Train with SGD (momentum 0.9, cosine learning-rate decay), keeping a checkpoint per epoch.
 
     Each checkpoint carries the learning rate in force during the epoch that ended there, as
-    TracIn needs.
+    TracIn needs. ``on_checkpoint(model, epoch, learning_rate)`` is called after every epoch
+    (e.g. to log the checkpoint to MLflow).
     """
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
@@ -126,6 +138,8 @@ def train_with_checkpoints(
         sched.step()
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         checkpoints.append(Checkpoint(state_dict=state, learning_rate=lr, step=epoch))
+        if on_checkpoint is not None:
+            on_checkpoint(model, epoch, lr)
     model.eval()
     return checkpoints
 
