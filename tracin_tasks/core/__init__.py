@@ -2,6 +2,6 @@
 tracking library — so it runs on a bare GPU box."""
 
 from tracin_tasks.core.checkpoint import Checkpoint
-from tracin_tasks.core.tracin import TopInfluence, TracIn
+from tracin_tasks.core.tracin import CheckpointPass, TopInfluence, TracIn
 
-__all__ = ["Checkpoint", "TopInfluence", "TracIn"]
+__all__ = ["Checkpoint", "CheckpointPass", "TopInfluence", "TracIn"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -21,6 +22,51 @@ from tracin_tasks.exceptions import ConfigurationError, DataError, EmptyDatasetE
 logger = logging.getLogger(__name__)
 
 _ON_NONFINITE = ("raise", "nan")
+
+
+_PASS_FIELDS = ("squared_norm", "loss", "margin", "predicted", "confidence")
+
+
+@dataclass(frozen=True)
+class CheckpointPass:
+    """What one checkpoint says about every row (arrays in row order).
+
+    Attributes:
+        step: the checkpoint's step.
+        learning_rate: its learning rate η_c.
+        squared_norm: ‖∇_θ ℓ(θ_c, z)‖² over the selected parameters (not yet times η_c).
+        loss: the row's loss at this checkpoint.
+        margin: for classifiers, logit of the given label minus the largest other logit
+            (negative: the model prefers another class); NaN otherwise.
+        predicted: for classifiers, the most likely class; -1 otherwise.
+        confidence: for classifiers, the predicted class's softmax probability; NaN otherwise.
+    """
+
+    step: int
+    learning_rate: float
+    squared_norm: np.ndarray
+    loss: np.ndarray
+    margin: np.ndarray
+    predicted: np.ndarray
+    confidence: np.ndarray
+
+
+def _row_signals(outputs: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> dict[str, np.ndarray]:
+    """Per-row loss, margin, prediction and confidence from a batch's outputs."""
+    with torch.no_grad():
+        loss = loss_fn(outputs, y).double().cpu().numpy()
+        b = outputs.shape[0]
+        if outputs.dim() == 2 and outputs.shape[1] > 1 and not y.is_floating_point() and y.dim() == 1:
+            logits = outputs.double()
+            given = logits.gather(1, y.view(-1, 1)).squeeze(1)
+            others = logits.scatter(1, y.view(-1, 1), float("-inf"))
+            margin = (given - others.max(1).values).cpu().numpy()
+            probs = torch.softmax(logits, 1)
+            conf, pred = probs.max(1)
+            return {"loss": loss, "margin": margin, "predicted": pred.cpu().numpy().astype(np.int64),
+                    "confidence": conf.cpu().numpy()}
+        nan = np.full(b, np.nan)
+        return {"loss": loss, "margin": nan, "predicted": np.full(b, -1, dtype=np.int64), "confidence": nan.copy()}
 
 
 class TopInfluence(NamedTuple):
@@ -126,40 +172,51 @@ class TracIn:
         Example:
             >>> scores = TracIn(model, ckpts).self_influence(TensorDataset(x, y))
         """
+        scores: np.ndarray | None = None
+        for p in self.checkpoint_passes(data, batch_size):
+            contribution = p.learning_rate * p.squared_norm
+            scores = contribution if scores is None else scores + contribution
+        assert scores is not None  # internal invariant: check_checkpoints guarantees one checkpoint
+        return scores
+
+    def checkpoint_passes(self, data: Any, batch_size: int = 256) -> Iterator[CheckpointPass]:
+        """One pass over the data per checkpoint, with everything that pass can tell per row.
+
+        Besides each row's squared gradient norm (unweighted), the pass keeps what the forward
+        pass gives for free: the loss, and for classifiers the margin (logit of the given label
+        minus the largest other logit), the predicted class and its probability. Summing
+        ``learning_rate * squared_norm`` over passes is :meth:`self_influence`; averaging the
+        margin is the area under the margin (AUM).
+
+        Yields:
+            :class:`CheckpointPass` per checkpoint, in the order given.
+        """
         loader = make_loader(data, batch_size, "data")
         engine = self._engine()
         n_known = dataset_length(loader)
-        scores: np.ndarray | None = np.zeros(n_known) if n_known else None
         for ckpt in self.checkpoints:
             engine.load(ckpt.load_state_dict(self.device), ckpt.step)
-            parts: list[np.ndarray] = []
-            bad: list[int] = []
+            columns: dict[str, list[np.ndarray]] = {k: [] for k in _PASS_FIELDS}
             offset = 0
             for xs, y in iterate(loader, self.device, engine.dtype, "data"):
-                factors, _ = engine.factors(xs, y, offset)
-                sq = self._squared_norms(factors).double().cpu().numpy()
-                not_finite = ~np.isfinite(sq)
-                if not_finite.any():
-                    bad.extend((np.flatnonzero(not_finite) + offset).tolist())
-                contribution = ckpt.learning_rate * sq
-                if scores is not None and offset + len(sq) <= len(scores):
-                    scores[offset : offset + len(sq)] += contribution
-                else:
-                    parts.append(contribution)
-                offset += len(sq)
+                factors, outputs = engine.factors(xs, y, offset)
+                columns["squared_norm"].append(self._squared_norms(factors).double().cpu().numpy())
+                for key, value in _row_signals(outputs, y, self._loss_fn).items():
+                    columns[key].append(value)
+                offset += y.shape[0]
             if offset == 0:
                 raise EmptyDatasetError("The data yielded no rows; nothing to score. Pass a non-empty dataset.")
-            if scores is None:
-                scores = np.concatenate(parts)
-            elif parts or offset != len(scores):
+            if n_known is not None and offset != n_known:
                 raise DataError(
-                    f"The data yielded {offset} rows for checkpoint step {ckpt.step} but "
-                    f"{len(scores)} before; it must yield the same rows, in the same order, every pass."
+                    f"The data yielded {offset} rows for checkpoint step {ckpt.step} but has length "
+                    f"{n_known}; it must yield every row, in the same order, on every pass."
                 )
+            n_known = offset
+            arrays = {k: np.concatenate(v) for k, v in columns.items()}
+            bad = np.flatnonzero(~np.isfinite(arrays["squared_norm"])).tolist()
             self._handle_nonfinite(bad, "rows", f"checkpoint step {ckpt.step}")
-            scores[bad] = np.nan
-        assert scores is not None  # internal invariant: at least one checkpoint ran
-        return scores
+            arrays["squared_norm"][bad] = np.nan
+            yield CheckpointPass(step=ckpt.step, learning_rate=ckpt.learning_rate, **arrays)
 
     def influence(self, train_data: Any, test_data: Any, batch_size: int = 256) -> np.ndarray:
         """TracInCP of every training row on every test row.

@@ -1,0 +1,145 @@
+"""The plain functions behind the audit flow's tasks (unit-tested without Prefect).
+
+``plan_audit`` reads the run once and splits the work; ``compute_cell`` loads one checkpoint,
+streams one shard of rows and stores its partial scores; ``write_scores`` aggregates and writes
+the per-row result. Data moves between them as paths and small JSON dicts, never as tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tracin_tasks.core.table import TrainingTable
+from tracin_tasks.core.tracin import TracIn
+from tracin_tasks.exceptions import DataError
+from tracin_tasks.orchestration.plan import AuditPlan, AuditSettings, Cell, plan_cells
+from tracin_tasks.orchestration.store import ResultsStore, aggregate_cells
+
+logger = logging.getLogger(__name__)
+_torch_threads_lock = threading.Lock()
+
+
+def make_source(settings: AuditSettings):
+    """The MLflow checkpoint source for these settings (no network until used)."""
+    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+
+    steps = list(settings.steps) if isinstance(settings.steps, tuple) else settings.steps
+    return MlflowCheckpointSource(
+        settings.run_id,
+        settings.tracking_uri,
+        steps=steps,
+        max_checkpoints=settings.max_checkpoints,
+        model_factory=settings.model_factory,
+        allow_pickle=settings.allow_pickle,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_table(run_id: str, tracking_uri: str | None, fingerprint: str) -> TrainingTable:
+    """Training data per worker process, read once per audit (cells of a worker share it)."""
+    table = make_source(AuditSettings(run_id=run_id, tracking_uri=tracking_uri)).training_table()
+    if table.fingerprint() != fingerprint:
+        raise DataError(
+            f"The training data of run {run_id} changed since the audit was planned (fingerprint "
+            f"{table.fingerprint()} vs {fingerprint}); re-plan the audit."
+        )
+    return table
+
+
+def plan_audit(settings: AuditSettings, store: ResultsStore) -> AuditPlan:
+    """Discover checkpoints and data, check the store is writable, and plan the cells."""
+    source = make_source(settings)
+    refs = source.checkpoint_refs()
+    table = source.training_table()
+    # build the model once here, so a broken factory or mismatched checkpoint fails the plan
+    model = source.build_model()
+    TracIn(model, [source.fetch(refs[-1])], settings.loss, _layers(settings))
+    store.check_writable()
+    checkpoints = [
+        {"step": r.step, "learning_rate": r.learning_rate, "lr_source": r.lr_source, "kind": r.kind,
+         "location": r.location}
+        for r in refs
+    ]
+    plan = plan_cells(settings, checkpoints, len(table), table.fingerprint(), source.warnings)
+    store.save_plan(plan)
+    return plan
+
+
+def _layers(settings: AuditSettings):
+    return list(settings.layers) if isinstance(settings.layers, tuple) else settings.layers
+
+
+def compute_cell(plan: AuditPlan, cell: Cell, store: ResultsStore, torch_threads: int | None = None) -> dict[str, Any]:
+    """Compute one cell unless its result is already stored; return what happened.
+
+    Returns:
+        ``{"cell": name, "path": stored file, "skipped": bool, "seconds": float, "device": str}``.
+    """
+    path = store.cell_path(plan.audit_key, cell)
+    if store.has(plan.audit_key, cell):
+        return {"cell": cell.name, "path": path, "skipped": True, "seconds": 0.0, "device": None}
+    t0 = time.perf_counter()
+    settings = plan.settings
+    if torch_threads:
+        with _torch_threads_lock:
+            torch.set_num_threads(torch_threads)
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    source = make_source(settings)
+    table = _cached_table(settings.run_id, settings.tracking_uri, plan.fingerprint)
+    from tracin_tasks.integrations.mlflow_source import CheckpointRef
+
+    checkpoint = source.fetch(CheckpointRef(cell.step, cell.learning_rate, "plan", cell.kind, cell.location))
+    tracin = TracIn(source.build_model(), [checkpoint], settings.loss, _layers(settings), device=device)
+    rows = slice(cell.row_start, cell.row_stop)
+    (result,) = list(tracin.checkpoint_passes(table.dataset(rows), settings.batch_size))
+    arrays = {k: getattr(result, k) for k in ("squared_norm", "loss", "margin", "predicted", "confidence")}
+    store.write_cell(plan.audit_key, cell, arrays)
+    seconds = time.perf_counter() - t0
+    logger.info("cell %s done on %s in %.2fs", cell.label, device, seconds)
+    return {"cell": cell.name, "path": path, "skipped": False, "seconds": seconds, "device": device}
+
+
+def write_scores(plan: AuditPlan, store: ResultsStore, output_dir: str) -> str:
+    """Aggregate every cell and write ``scores.parquet`` (row_id, label, self_influence, ...)."""
+    agg = aggregate_cells(store, plan)
+    table = _cached_table(plan.settings.run_id, plan.settings.tracking_uri, plan.fingerprint)
+    frame = pd.DataFrame(
+        {
+            "row_id": table.row_ids,
+            "label": table.labels,
+            "self_influence": agg["self_influence"],
+            "aum": agg["aum"],
+            "loss_final": agg["loss_final"],
+            "predicted_label": agg["predicted"],
+            "predicted_confidence": agg["confidence"],
+        }
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    final = os.path.join(output_dir, "scores.parquet")
+    tmp = os.path.join(output_dir, f".tmp-{uuid.uuid4().hex}-scores.parquet")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, final)
+    return final
+
+
+def scores_summary(path: str, top: int = 5) -> dict[str, Any]:
+    """A short description of a scores file (for logs and the CLI)."""
+    frame = pd.read_parquet(path)
+    s = frame["self_influence"].to_numpy()
+    order = np.argsort(-s, kind="stable")[:top]
+    return {
+        "rows": int(len(frame)),
+        "self_influence_median": float(np.nanmedian(s)),
+        "self_influence_p99": float(np.nanquantile(s, 0.99)),
+        "top_rows": frame.iloc[order][["row_id", "label", "self_influence"]].to_dict("records"),
+    }

@@ -1,0 +1,161 @@
+"""The Prefect audit flow: plan → score cells on the chosen workers → aggregate.
+
+Tasks are thin wrappers over :mod:`tracin_tasks.orchestration.cells`; parameters are JSON so
+a deployment can schedule the flow; cells pass paths, never tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.tasks import exponential_backoff
+
+from tracin_tasks.orchestration.cells import compute_cell, plan_audit, scores_summary, write_scores
+from tracin_tasks.orchestration.plan import AuditPlan, AuditSettings, Cell
+from tracin_tasks.orchestration.runners import check_api_for, make_task_runner, parse_task_runner, placement
+from tracin_tasks.orchestration.store import ResultsStore
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_plan(results_uri: str, audit_key: str) -> AuditPlan:
+    store = ResultsStore(results_uri)
+    with store.fs.open(store._path(audit_key, "plan.json"), "rb") as fh:
+        return AuditPlan.from_dict(json.loads(fh.read()))
+
+
+@task(name="plan-audit", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE,
+      task_run_name="plan audit of run {settings[run_id]}")
+def plan_audit_task(settings: dict[str, Any], results_uri: str) -> dict[str, Any]:
+    plan = plan_audit(AuditSettings.from_dict(settings), ResultsStore(results_uri))
+    get_run_logger().info(
+        "audit %s: %d rows, %d checkpoints, %d cells", plan.audit_key, plan.n_rows, len(plan.checkpoints), len(plan.cells)
+    )
+    return {"audit_key": plan.audit_key, "cells": [c.to_dict() for c in plan.cells], "warnings": list(plan.warnings)}
+
+
+@task(name="score-cell", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE,
+      task_run_name="step {cell[step]} rows {cell[row_start]}-{cell[row_stop]}")
+def score_cell_task(results_uri: str, audit_key: str, cell: dict[str, Any], torch_threads: int | None = None) -> dict[str, Any]:
+    plan = _load_plan(results_uri, audit_key)
+    outcome = compute_cell(plan, Cell.from_dict(cell), ResultsStore(results_uri), torch_threads)
+    if not outcome["skipped"]:
+        get_run_logger().info("%s: %.2fs on %s", Cell.from_dict(cell).label, outcome["seconds"], outcome["device"])
+    return outcome
+
+
+@flow(name="tracin-score-cells")
+def score_cells(results_uri: str, audit_key: str, cells: list[dict[str, Any]], task_runner: str = "threads",
+                max_workers: int | None = None, gpu: bool = False) -> dict[str, int]:
+    """Score every cell not already stored; the task runner is chosen by the calling flow."""
+    log = get_run_logger()
+    choice = parse_task_runner(task_runner, max_workers, gpu)
+    store = ResultsStore(results_uri)
+    todo = [c for c in cells if not store.has(audit_key, Cell.from_dict(c))]
+    skipped = len(cells) - len(todo)
+    if skipped:
+        log.info("%d of %d cells already stored for audit %s; skipping them", skipped, len(cells), audit_key)
+    progress = create_progress_artifact(
+        100.0 * skipped / max(1, len(cells)), key="tracin-cells",
+        description=f"Cells of audit {audit_key} finished ({len(cells)} in all)",
+    )
+    with placement(choice):
+        futures = [score_cell_task.submit(results_uri, audit_key, c, choice.torch_threads) for c in todo]
+    done = skipped
+    for future in as_completed(futures):
+        future.result()  # a cell that failed after its retries fails the flow; finished cells stay stored
+        done += 1
+        update_progress_artifact(progress, 100.0 * done / max(1, len(cells)))
+    return {"cells": len(cells), "computed": len(todo), "skipped": skipped}
+
+
+@task(name="aggregate-scores", cache_policy=NO_CACHE, task_run_name="aggregate audit {audit_key}")
+def aggregate_task(results_uri: str, audit_key: str, output_dir: str) -> str:
+    plan = _load_plan(results_uri, audit_key)
+    return write_scores(plan, ResultsStore(results_uri), output_dir)
+
+
+@flow(name="audit-training-run")
+def audit_training_run(
+    run_id: str,
+    tracking_uri: str | None = None,
+    layers: list[str] | str | None = None,
+    batch_size: int = 256,
+    shard_size: int = 4096,
+    steps: list[int] | str | None = None,
+    max_checkpoints: int | None = None,
+    loss: str = "cross_entropy",
+    task_runner: str = "threads",
+    max_workers: int | None = None,
+    gpu: bool = False,
+    device: str | None = None,
+    output_dir: str | None = None,
+    results_uri: str | None = None,
+    model_factory: str | None = None,
+    allow_pickle: bool = False,
+) -> dict[str, Any]:
+    """Audit one MLflow training run: every row's TracIn self-influence, written to ``scores.parquet``.
+
+    Args:
+        run_id: the MLflow run to audit (logged with ``tracin_tasks.mlflow`` or compatible).
+        tracking_uri: where that run lives (default: MLflow's default tracking URI).
+        layers: None for all layers, "last", or module names.
+        batch_size: rows per forward/backward pass.
+        shard_size: rows per cell; a cell is one checkpoint over one shard.
+        steps: checkpoints to use: a list of steps, "every:K", or None for all.
+        max_checkpoints: at most this many checkpoints, evenly spaced, the last always kept.
+        loss: "cross_entropy" or "mse".
+        task_runner: "threads", "dask", "dask://HOST:PORT" / "tcp://HOST:PORT", "ray", "ray://HOST:PORT".
+        max_workers: threads, or local Dask workers.
+        gpu: ask Dask/Ray for one GPU per cell (workers started with ``--resources GPU=1``).
+        device: "cpu", "cuda" or None (each worker uses CUDA when it has it).
+        output_dir: where ``scores.parquet`` goes (default ``tracin-audit/<run_id>``).
+        results_uri: where finished cells are stored (a folder or fsspec URL every worker can
+            reach; default ``<output_dir>/cells``). Re-running the same audit skips finished cells.
+        model_factory: override the run's recorded ``module:function``.
+        allow_pickle: allow checkpoint files that need unpickling (trusted runs only).
+
+    Returns:
+        A summary: audit key, cell counts, paths of the outputs.
+    """
+    log = get_run_logger()
+    settings = AuditSettings(
+        run_id=run_id, tracking_uri=tracking_uri, layers=layers, loss=loss, batch_size=batch_size,
+        shard_size=shard_size, steps=steps, max_checkpoints=max_checkpoints, device=device,
+        model_factory=model_factory, allow_pickle=allow_pickle,
+    )
+    choice = parse_task_runner(task_runner, max_workers, gpu)
+    check_api_for(choice)
+    output_dir = os.path.abspath(output_dir or os.path.join("tracin-audit", run_id))
+    results_uri = results_uri or os.path.join(output_dir, "cells")
+    planned = plan_audit_task(settings.to_dict(), results_uri)
+    for warning in planned["warnings"]:
+        log.warning(warning)
+    counts = score_cells.with_options(
+        task_runner=make_task_runner(choice), name=f"tracin-score-cells ({choice.kind})"
+    )(results_uri, planned["audit_key"], planned["cells"], task_runner, max_workers, gpu)
+    scores_path = aggregate_task(results_uri, planned["audit_key"], output_dir)
+    summary = scores_summary(scores_path)
+    log.info(
+        "audited run %s: %d rows; %d cells computed, %d reused; scores in %s",
+        run_id, summary["rows"], counts["computed"], counts["skipped"], scores_path,
+    )
+    return {
+        "run_id": run_id,
+        "audit_key": planned["audit_key"],
+        "output_dir": output_dir,
+        "results_uri": results_uri,
+        "scores": scores_path,
+        "warnings": planned["warnings"],
+        **counts,
+        **summary,
+    }

@@ -1,0 +1,194 @@
+"""Plan an audit as cells (checkpoint × shard of rows) with deterministic, settings-keyed names.
+
+Pure functions and frozen dataclasses: nothing here talks to Prefect, MLflow or a file system.
+A cell's key hashes everything that changes its scores — the run, the checkpoint (where it is,
+its step and learning rate), the layers, the loss, the training data's fingerprint and the row
+range — so stored cells are reused exactly when they are still right, and an audit with other
+settings never reads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tracin_tasks.exceptions import ConfigurationError
+
+_LOSSES = ("cross_entropy", "mse")
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """sha256 of the canonical JSON of ``obj``."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """Everything an audit needs to know, as JSON values (so a deployment can schedule it).
+
+    Attributes:
+        run_id: the MLflow training run to audit.
+        tracking_uri: MLflow tracking URI the run lives on (None: MLflow's default).
+        layers: None (all), "last", or a list of module names.
+        loss: "cross_entropy" or "mse".
+        batch_size: rows per forward/backward pass inside a cell.
+        shard_size: rows per cell.
+        steps: checkpoints to use: None (all), a list of steps, or "every:K".
+        max_checkpoints: keep at most this many checkpoints, evenly spaced.
+        device: "cpu", "cuda", or None (CUDA when the worker has it).
+        model_factory: override the run's recorded "module:function".
+        allow_pickle: allow checkpoint files that need unpickling.
+    """
+
+    run_id: str
+    tracking_uri: str | None = None
+    layers: str | tuple[str, ...] | None = None
+    loss: str = "cross_entropy"
+    batch_size: int = 256
+    shard_size: int = 4096
+    steps: str | tuple[int, ...] | None = None
+    max_checkpoints: int | None = None
+    device: str | None = None
+    model_factory: str | None = None
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.run_id, str) or not self.run_id.strip():
+            raise ConfigurationError(f"run_id must be a non-empty string, got {self.run_id!r}.")
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.steps, list):
+            object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
+        if self.loss not in _LOSSES:
+            raise ConfigurationError(
+                f"loss={self.loss!r}: an audit flow takes one of {_LOSSES} (a custom loss can be "
+                "used from Python with tracin_tasks.TracIn)."
+            )
+        for name in ("batch_size", "shard_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be a positive integer, got {value!r}.")
+        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigurationError(f"device must be 'cpu', 'cuda', 'cuda:N' or None, got {self.device!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if isinstance(self.layers, tuple) else self.layers
+        d["steps"] = list(self.steps) if isinstance(self.steps, tuple) else self.steps
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AuditSettings:
+        return cls(**d)
+
+    def scoring_fields(self) -> dict[str, Any]:
+        """The settings that change a cell's scores (not batch size, device or sharding)."""
+        return {"run_id": self.run_id, "layers": self.to_dict()["layers"], "loss": self.loss,
+                "model_factory": self.model_factory}
+
+    def config_hash(self) -> str:
+        """A stable hash of the settings that change scores."""
+        return stable_hash(self.scoring_fields())
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: one checkpoint over one contiguous range of rows."""
+
+    step: int
+    learning_rate: float
+    kind: str
+    location: str
+    row_start: int
+    row_stop: int
+    key: str
+
+    @property
+    def name(self) -> str:
+        """A readable, deterministic name (also the stored file's name)."""
+        return f"step{self.step:06d}_rows{self.row_start:09d}-{self.row_stop:09d}_{self.key}"
+
+    @property
+    def label(self) -> str:
+        return f"checkpoint step {self.step}, rows {self.row_start}-{self.row_stop - 1}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Cell:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class AuditPlan:
+    """The cells of one audit, and what they were planned from."""
+
+    settings: AuditSettings
+    audit_key: str
+    fingerprint: str
+    n_rows: int
+    cells: tuple[Cell, ...]
+    checkpoints: tuple[dict[str, Any], ...] = field(default_factory=tuple)
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings.to_dict(),
+            "audit_key": self.audit_key,
+            "fingerprint": self.fingerprint,
+            "n_rows": self.n_rows,
+            "cells": [c.to_dict() for c in self.cells],
+            "checkpoints": list(self.checkpoints),
+            "warnings": list(self.warnings),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AuditPlan:
+        return cls(
+            settings=AuditSettings.from_dict(d["settings"]),
+            audit_key=d["audit_key"],
+            fingerprint=d["fingerprint"],
+            n_rows=int(d["n_rows"]),
+            cells=tuple(Cell.from_dict(c) for c in d["cells"]),
+            checkpoints=tuple(d.get("checkpoints", ())),
+            warnings=tuple(d.get("warnings", ())),
+        )
+
+
+def plan_cells(
+    settings: AuditSettings,
+    checkpoints: Sequence[dict[str, Any]],
+    n_rows: int,
+    fingerprint: str,
+    warnings: Sequence[str] = (),
+) -> AuditPlan:
+    """Split the audit into checkpoint × shard cells.
+
+    Args:
+        settings: the audit's settings.
+        checkpoints: one dict per checkpoint with ``step``, ``learning_rate``, ``kind``, ``location``.
+        n_rows: rows in the training data.
+        fingerprint: content hash of the training data.
+    """
+    if not checkpoints:
+        raise ConfigurationError("An audit needs at least one checkpoint.")
+    if n_rows < 1:
+        raise ConfigurationError("An audit needs at least one training row.")
+    base = {**settings.scoring_fields(), "fingerprint": fingerprint}
+    audit_key = stable_hash({**base, "checkpoints": [
+        {k: c[k] for k in ("step", "learning_rate", "kind", "location")} for c in checkpoints
+    ]})
+    cells = []
+    for c in checkpoints:
+        for start in range(0, n_rows, settings.shard_size):
+            stop = min(n_rows, start + settings.shard_size)
+            key = stable_hash({**base, "step": c["step"], "learning_rate": c["learning_rate"], "kind": c["kind"],
+                               "location": c["location"], "rows": [start, stop]}, 12)
+            cells.append(Cell(int(c["step"]), float(c["learning_rate"]), c["kind"], c["location"], start, stop, key))
+    return AuditPlan(settings, audit_key, fingerprint, n_rows, tuple(cells), tuple(dict(c) for c in checkpoints),
+                     tuple(warnings))
