@@ -35,7 +35,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: venv
-	$(BIN)/python -m tracin_tasks.demo
+	$(BIN)/tracin-tasks demo --workdir .demo
 
 test: venv
 	$(BIN)/python -m pytest -q
