@@ -42,6 +42,7 @@ DATA_SPEC = "tracin/training_data.json"
 FACTORY_SPEC = "tracin/model_factory.json"
 CHECKPOINT_ROOT = "checkpoints"
 LR_METRIC = "lr"
+AUDITABLE_TAG = "tracin.checkpoints"
 _FACTORY_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -175,4 +176,5 @@ def log_checkpoint(
             json.dump({"step": step, "learning_rate": lr, **metadata}, fh, default=str)
         client.log_artifacts(run_id, tmp, folder)
     client.log_metric(run_id, LR_METRIC, lr, step=step)
+    client.set_tag(run_id, AUDITABLE_TAG, "true")  # lets a scheduled audit find the run
     return f"{folder}/state_dict.pt"

@@ -159,3 +159,54 @@ def audit_training_run(
         **counts,
         **summary,
     }
+
+
+def find_latest_auditable_run(experiment_name: str, tracking_uri: str | None = None) -> str:
+    """The most recently finished run of an experiment that logged checkpoints for an audit."""
+    import mlflow
+
+    from tracin_tasks.exceptions import NoCheckpointsError, RunNotFoundError
+    from tracin_tasks.integrations.mlflow_logging import AUDITABLE_TAG
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise RunNotFoundError(f"MLflow has no experiment named {experiment_name!r}; check the name and tracking URI.")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{AUDITABLE_TAG}` = 'true' and attributes.status = 'FINISHED'",
+        order_by=["attributes.end_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise NoCheckpointsError(
+            f"Experiment {experiment_name!r} has no finished run with checkpoints logged by "
+            "tracin_tasks.mlflow.log_checkpoint; nothing to audit."
+        )
+    return runs[0].info.run_id
+
+
+@flow(name="audit-latest-run")
+def audit_latest_run(
+    experiment_name: str,
+    tracking_uri: str | None = None,
+    layers: list[str] | str | None = None,
+    max_checkpoints: int | None = None,
+    task_runner: str = "threads",
+    max_workers: int | None = None,
+    gpu: bool = False,
+    output_root: str = "tracin-audit",
+    results_uri: str | None = None,
+) -> dict[str, Any]:
+    """Audit the latest finished run of an experiment (for a nightly schedule).
+
+    Each audited run gets ``<output_root>/<run_id>``; re-auditing a run that was already audited
+    with the same settings reuses every stored cell.
+    """
+    run_id = find_latest_auditable_run(experiment_name, tracking_uri)
+    get_run_logger().info("latest finished run of %r is %s", experiment_name, run_id)
+    return audit_training_run(
+        run_id=run_id, tracking_uri=tracking_uri, layers=layers, max_checkpoints=max_checkpoints,
+        task_runner=task_runner, max_workers=max_workers, gpu=gpu,
+        output_dir=os.path.join(output_root, run_id), results_uri=results_uri,
+    )

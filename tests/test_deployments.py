@@ -1,0 +1,57 @@
+"""deployments/prefect.yaml points at real flows with parameters those flows accept."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+pytest.importorskip("prefect")
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+
+
+def _load_flow(entrypoint: str):
+    path, name = entrypoint.split(":")
+    spec = importlib.util.spec_from_file_location("deploy_entry", ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+@pytest.mark.parametrize("deployment", SPEC["deployments"], ids=lambda d: d["name"])
+def test_entrypoint_and_parameters(deployment):
+    flow = _load_flow(deployment["entrypoint"])
+    accepted = set(flow.parameters.properties)
+    given = set(deployment.get("parameters", {}))
+    for trigger in deployment.get("triggers", []):
+        given |= set(trigger.get("parameters", {}))
+    assert given <= accepted, f"unknown parameters {given - accepted}"
+    required = set(flow.parameters.required or [])
+    assert required <= given, f"required parameters not provided: {required - given}"
+    # non-templated values must validate against the flow's own signature
+    concrete = {k: v for k, v in deployment.get("parameters", {}).items() if not (isinstance(v, str) and "{{" in v)}
+    flow.validate_parameters({**{r: "x" for r in required if r not in concrete}, **concrete})
+    assert deployment["work_pool"]["name"] in {"tracin-cpu", "tracin-gpu"}
+    assert deployment["work_pool"]["job_variables"]["env"]["PREFECT_LOGGING_EXTRA_LOGGERS"] == "tracin_tasks"
+
+
+def test_nightly_schedule_is_a_valid_cron():
+    from prefect.client.schemas.schedules import CronSchedule
+
+    (nightly,) = [d for d in SPEC["deployments"] if d["name"] == "nightly-audit"]
+    (schedule,) = nightly["schedules"]
+    CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises on a bad expression
+
+
+def test_event_trigger_matches_what_training_emits():
+    from tracin_tasks.orchestration.events import TRAINING_FINISHED, run_resource
+
+    (deployment,) = [d for d in SPEC["deployments"] if d.get("triggers")]
+    (trigger,) = deployment["triggers"]
+    assert trigger["expect"] == [TRAINING_FINISHED]
+    pattern = trigger["match"]["prefect.resource.id"].replace(".", r"\.").replace("*", ".*")
+    assert re.fullmatch(pattern, run_resource("abc123")["prefect.resource.id"])
+    assert trigger["parameters"]["run_id"] == "{{ event.payload.run_id }}"
