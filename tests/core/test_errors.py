@@ -359,11 +359,6 @@ def test_nonfinite_test_rows_raise_with_their_positions(net):
     assert info.value.rows == [2] and "test rows" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with a single test row whose gradient is NaN, influence() blames every training "
-    "row of the batch (a column of NaN is read as a bad training row) instead of test row 0",
-)
 def test_single_nonfinite_test_row_is_the_one_blamed(net):
     model, ckpts = net
     xt, yt = _with_nan_rows([0], n=1, seed=3)
@@ -386,11 +381,6 @@ def test_nonfinite_rows_scored_nan_on_request(net):
     oracle.assert_matches(m[:, clean], oracle.influence(model, ckpts, x[clean], y[clean], xt, yt))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: GradientEngine._verify treats a non-finite error as a pass, so a NaN row in the "
-    "first batch hides that mix.weight is also used outside mix.forward; all rows are then wrong",
-)
 def test_nan_row_in_first_batch_does_not_hide_outside_weight_use(make_checkpoints):
     torch.manual_seed(0)
     model = ParentUsesChildWeight().to(F64)

@@ -232,7 +232,7 @@ CASES = {
     "parent_uses_child_weight": Case(ParentUsesChildWeight, _features(5), ("mix", "head")),
 }
 
-N_TRAIN, N_TEST = 20, 9
+N_TRAIN, N_TEST = 16, 7
 _SETUP_CACHE: dict = {}
 _ORACLE_CACHE: dict = {}
 
@@ -255,17 +255,21 @@ def layers_arg(name, layers):
     return list(CASES[name].names) if layers == "names" else layers
 
 
-def ref(name, kind, layers, loss="cross_entropy"):
-    """Oracle self-influence of the training rows, or the (test × train) influence matrix."""
-    key = (name, kind, layers)
+def ref(name, kind, layers):
+    """Oracle self-influence of the training rows, or the (test × train) influence matrix
+    (cross-entropy); the oracle's per-row gradients are computed once per case and layers."""
+    key = (name, layers)
     if key not in _ORACLE_CACHE:
         model, ckpts, (xtr, ytr), (xte, yte) = setup(name)
         lay = layers_arg(name, layers)
-        if kind == "self":
-            _ORACLE_CACHE[key] = oracle.self_influence(model, ckpts, xtr, ytr, loss, lay)
-        else:
-            _ORACLE_CACHE[key] = oracle.influence(model, ckpts, xtr, ytr, xte, yte, loss, lay)
-    return _ORACLE_CACHE[key]
+        si, inf = 0.0, 0.0
+        for c in ckpts:
+            g_train = oracle.per_row_grads(model, c.state_dict, xtr, ytr, "cross_entropy", lay)
+            g_test = oracle.per_row_grads(model, c.state_dict, xte, yte, "cross_entropy", lay)
+            si = si + c.learning_rate * g_train.pow(2).sum(1)
+            inf = inf + c.learning_rate * (g_test @ g_train.T)
+        _ORACLE_CACHE[key] = {"self": si.numpy(), "influence": inf.numpy()}
+    return _ORACLE_CACHE[key][kind]
 
 
 def tracin(name, layers=None, form=None, **kw):
@@ -307,6 +311,28 @@ def test_oracle_depends_on_checkpoints_and_rows():
     assert np.all(full > 0)
     assert not np.allclose(full, first)
     assert len(np.unique(np.round(full, 10))) == len(full)
+
+
+@pytest.mark.parametrize("name", ["cnn2d", "embedding", "tied_weights"])
+def test_oracle_rows_add_up_to_the_batch_gradient(name):
+    """The oracle's per-row gradients sum to autograd's gradient of the summed batch loss."""
+    model, ckpts, (x, y), _ = setup(name)
+    rows = oracle.per_row_grads(model, ckpts[1].state_dict, x, y)
+    m = type(model)().to(F64).eval()
+    m.load_state_dict(ckpts[1].state_dict)
+    params = oracle.select(m, None)
+    batch = torch.autograd.grad(F.cross_entropy(m(x), y, reduction="sum"), params)
+    torch.testing.assert_close(rows.sum(0), torch.cat([g.reshape(-1) for g in batch]), rtol=1e-10, atol=1e-12)
+    assert rows.shape == (N_TRAIN, oracle.gradient_size(model))
+
+
+def test_oracle_layer_selection():
+    mlp, _, _, _ = setup("mlp")
+    assert oracle.gradient_size(mlp, "last") == 7 * 3 + 3
+    assert oracle.gradient_size(mlp, ["fc1", "head"]) == (5 * 7 + 7) + (7 * 3 + 3)
+    tied, _, _, _ = setup("tied_weights")
+    assert [p is tied.emb.weight for p in oracle.select(tied, "last")] == [True, False]
+    assert oracle.gradient_size(tied) == 6 * 4 + (4 * 4 + 4) + 6
 
 
 def test_parent_use_of_child_weight_matters():
@@ -354,11 +380,6 @@ def test_self_influence_is_diagonal_of_influence(name, form):
     np.testing.assert_allclose(m, m.T, rtol=1e-9, atol=1e-12 * np.abs(m).max())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: select_parameters drops a tied weight reached through its second owner "
-    "(head.weight is emb.weight; named_parameters() only lists 'emb.weight'), so only head.bias is scored",
-)
 @pytest.mark.parametrize("layers", ["last", ["head"]], ids=["last", "head"])
 def test_tied_weight_through_second_owner(layers):
     model, ckpts, train, test = setup("tied_weights")
@@ -399,7 +420,7 @@ def test_proponents_and_opponents_are_oracle_argsort(name, k):
 # --------------------------------------------------------------------------------------------
 # how the data is given does not matter
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["mlp", "cnn2d", "embedding", "gru", "parent_uses_child_weight"])
+@pytest.mark.parametrize("name", ["cnn2d", "embedding", "parent_uses_child_weight"])
 @pytest.mark.parametrize("batch_size", [1, 7, 1000])
 def test_batch_size_does_not_matter(name, batch_size):
     _, _, train, test = setup(name)
@@ -470,6 +491,34 @@ def test_callable_loss_matches_oracle(name, loss):
         assert not np.allclose(oracle.self_influence(model, ckpts, x, y, loss), ref(name, "self", None))
 
 
+class Tagger(nn.Module):
+    """Per-token classes: outputs (B, C, T) for labels (B, T)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(8, 4, padding_idx=1)
+        self.conv = nn.Conv1d(4, 5, 3, padding=1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, tokens):
+        h = torch.tanh(self.conv(self.emb(tokens).transpose(1, 2))).transpose(1, 2)
+        return self.head(h).transpose(1, 2)
+
+
+def test_cross_entropy_per_token_sums_over_positions():
+    torch.manual_seed(6)
+    model = Tagger().double()
+    ckpts = build_checkpoints(model, lrs=(0.3, 0.1))
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randint(0, 8, (12, 5), generator=gen), torch.randint(0, 3, (12, 5), generator=gen)
+    xt, yt = torch.randint(0, 8, (5, 5), generator=gen), torch.randint(0, 3, (5, 5), generator=gen)
+    t = TracIn(model, ckpts, dtype=F64)
+    oracle.assert_matches(t.self_influence(TensorDataset(x, y), batch_size=5), oracle.self_influence(model, ckpts, x, y))
+    oracle.assert_matches(
+        t.influence(TensorDataset(x, y), TensorDataset(xt, yt), batch_size=5), oracle.influence(model, ckpts, x, y, xt, yt)
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # float32
 # --------------------------------------------------------------------------------------------
@@ -503,17 +552,19 @@ def test_projection_at_least_gradient_size_is_exact(name):
         oracle.assert_matches(m, ref(name, "influence", None), what=f"projection_dim={d}")
 
 
-@pytest.mark.parametrize("name,dim", [("mlp", 16), ("embedding", 9), ("cnn1d", 16)])
-def test_small_projection_is_unbiased_and_seeded(name, dim):
+@pytest.mark.parametrize("name", ["mlp", "embedding", "cnn1d"])
+def test_small_projection_is_unbiased_and_seeded(name):
     model, _, train, test = setup(name)
-    exact = ref(name, "influence", None)
-    assert dim < oracle.gradient_size(model) // 4
-    runs = [tracin(name, projection_dim=dim, seed=s).influence(ds(train), ds(test), batch_size=8) for s in range(24)]
-    one = np.corrcoef(runs[0].ravel(), exact.ravel())[0, 1]
-    mean = np.corrcoef(np.mean(runs, 0).ravel(), exact.ravel())[0, 1]
-    assert mean > 0.9, (one, mean)
-    assert mean > one  # averaging seeds helps: the estimate is noisy but centred on the exact value
-    assert not np.allclose(runs[0], exact, rtol=1e-3)  # it really is an estimate
-    assert not np.allclose(runs[0], runs[1])  # seeds differ
+    exact = ref(name, "influence", None).ravel()
+    dim = 4  # every weight matrix and most biases are sketched
+    assert dim < oracle.gradient_size(model) // 20
+    runs = [tracin(name, projection_dim=dim, seed=s).influence(ds(train), ds(test), batch_size=8) for s in range(12)]
+    single = [np.corrcoef(r.ravel(), exact)[0, 1] for r in runs]
+    mean = np.corrcoef(np.mean(runs, 0).ravel(), exact)[0, 1]
+    # noisy per seed, centred on the exact value: averaging seeds converges to it
+    assert mean > 0.9, (mean, single)
+    assert mean > np.median(single), (mean, single)
+    assert not np.allclose(runs[0].ravel(), exact, rtol=1e-2)  # it really is an estimate
+    assert not np.allclose(runs[0], runs[1], rtol=1e-2)  # seeds differ
     again = tracin(name, projection_dim=dim, seed=0).influence(ds(train), ds(test), batch_size=5)
     np.testing.assert_allclose(again, runs[0], rtol=1e-10, atol=1e-12 * np.abs(runs[0]).max())

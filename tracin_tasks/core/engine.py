@@ -47,6 +47,8 @@ def select_parameters(model: nn.Module, layers: None | str | Sequence[str]) -> l
     under those modules.
     """
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    # a weight shared by several modules is listed once, under its first name; map by identity
+    canonical = {id(p): n for n, p in model.named_parameters()}
     if layers is None:
         if not trainable:
             raise LayerNotFoundError(
@@ -61,9 +63,8 @@ def select_parameters(model: nn.Module, layers: None | str | Sequence[str]) -> l
                 last = name
         if last is None:
             raise LayerNotFoundError("layers='last': the model has no module with trainable parameters.")
-        prefix = f"{last}." if last else ""
-        own = {f"{prefix}{n}" for n, p in model.get_submodule(last).named_parameters(recurse=False) if p.requires_grad}
-        return [n for n in trainable if n in own]
+        own = {id(p) for p in model.get_submodule(last).parameters(recurse=False) if p.requires_grad}
+        return [canonical[i] for i in canonical if i in own]
     if isinstance(layers, str):
         layers = [layers]
     if not isinstance(layers, Sequence) or not layers or not all(isinstance(x, str) for x in layers):
@@ -81,13 +82,11 @@ def select_parameters(model: nn.Module, layers: None | str | Sequence[str]) -> l
                 f"Layer {layer!r} does not exist in {type(model).__name__}.{hint} Layers with "
                 f"parameters: {with_params[:30]}{' ...' if len(with_params) > 30 else ''}."
             )
-        prefix = f"{layer}." if layer else ""
-        found = [f"{prefix}{n}" for n, _ in modules[layer].named_parameters()]
+        found = [canonical[id(p)] for p in modules[layer].parameters()]
         if not found:
             raise LayerNotFoundError(f"Layer {layer!r} has no parameters; choose one of {with_params[:30]}.")
         names.extend(n for n in found if n not in names)
-    all_names = {n for n, _ in model.named_parameters()}
-    return [n for n in names if n in all_names]  # aliases of shared weights map to one name
+    return names
 
 
 def describe_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, Any]) -> str | None:
@@ -182,13 +181,11 @@ class GradientEngine:
         self.model.load_state_dict(state_dict, strict=True)
 
     # -- per-example gradients ---------------------------------------------------------
-    def factors(
-        self, xs: tuple[torch.Tensor, ...], y: torch.Tensor, first_row: int = 0
-    ) -> tuple[dict[str, Factor], torch.Tensor]:
-        """Per-example gradients of every selected parameter, and the model's outputs.
-
-        ``first_row`` is the position of the batch's first row in the data (for error messages).
-        """
+    def _forward_factors(
+        self, xs: tuple[torch.Tensor, ...], y: torch.Tensor, first_row: int, params: list[torch.Tensor] = ()
+    ) -> tuple[dict[str, Factor], torch.Tensor, torch.Tensor, tuple]:
+        """One forward pass with the capture hooks on, one backward pass to the captured outputs
+        (and to ``params``, when asked). Returns factors, outputs, losses, parameter gradients."""
         for cap in self.captures:
             cap.records.clear()
             cap.active = True
@@ -198,38 +195,64 @@ class GradientEngine:
                 if self.label_check is not None:
                     self.label_check(outputs, y, first_row)
                 losses = self.loss_fn(outputs, y)
-                records = [(cap, i) for cap in self.captures for i in range(len(cap.records))]
-                targets = [cap.records[i][1] for cap, i in records]
-                verify = [self.model.get_parameter(n) for n in self._capture_of] if not self._verified else []
-                grads = torch.autograd.grad(losses.sum(), targets + verify, allow_unused=True) if targets or verify else []
+                targets = [out for cap in self.captures for _, out in cap.records]
+                wanted = targets + list(params)
+                grads = torch.autograd.grad(losses.sum(), wanted, allow_unused=True) if wanted else ()
         finally:
             for cap in self.captures:
                 cap.active = False
-        out_grads = list(grads[: len(targets)])
         result: dict[str, Factor] = {}
         pos = 0
         for cap in self.captures:
             n_rec = len(cap.records)
-            for local, factor in factors_for(cap, out_grads[pos : pos + n_rec]).items():
+            for local, factor in factors_for(cap, list(grads[pos : pos + n_rec])).items():
                 result[f"{cap.name}.{local}" if cap.name else local] = factor
             pos += n_rec
             cap.records.clear()
-        if not self._verified:
-            self._verified = True
-            moved = self._verify(result, dict(zip(self._capture_of, grads[len(targets) :])), xs[0].shape[0])
-            if moved:
-                return self.factors(xs, y, first_row)
+        return result, outputs.detach(), losses.detach(), tuple(grads[len(targets) :])
+
+    def factors(
+        self, xs: tuple[torch.Tensor, ...], y: torch.Tensor, first_row: int = 0
+    ) -> tuple[dict[str, Factor], torch.Tensor]:
+        """Per-example gradients of every selected parameter, and the model's outputs.
+
+        ``first_row`` is the position of the batch's first row in the data (for error messages).
+        """
+        if not self._verified and self._capture_of:
+            self._check_fast_path(xs, y, first_row)
+        result, outputs, _, _ = self._forward_factors(xs, y, first_row)
         for name, g in self._fallback(xs, y).items():
             result[name] = DenseFactor(g.reshape(g.shape[0], -1))
         # rows the fast path never touched (module unused for this batch) have zero gradient
         for name in self.param_names:
             if name not in result:
                 p = self.model.get_parameter(name)
-                result[name] = DenseFactor(p.new_zeros(xs[0].shape[0] if xs else 0, p.numel()))
-        return result, outputs.detach()
+                result[name] = DenseFactor(p.new_zeros(y.shape[0], p.numel()))
+        return result, outputs
 
-    def _verify(self, result: dict[str, Factor], batch_grads: dict[str, torch.Tensor | None], batch: int) -> bool:
-        """Compare Σ per-row gradients with autograd's batch gradient; demote layers that differ."""
+    def _check_fast_path(self, xs: tuple[torch.Tensor, ...], y: torch.Tensor, first_row: int) -> None:
+        """Run the first-batch check on the batch's rows with a finite loss (NaN rows would spoil
+        every sum); a batch without any leaves the check to the next batch."""
+        with torch.no_grad():
+            outputs = self.model(*xs)
+            if self.label_check is not None:
+                self.label_check(outputs, y, first_row)
+            losses = self.loss_fn(outputs, y)
+        finite = torch.isfinite(losses)
+        if not bool(finite.any()):
+            return
+        if not bool(finite.all()):
+            xs, y = tuple(x[finite] for x in xs), y[finite]
+        params = [self.model.get_parameter(n) for n in self._capture_of]
+        result, _, _, batch_grads = self._forward_factors(xs, y, first_row, params)
+        self._verified = self._verify(result, dict(zip(self._capture_of, batch_grads))) is not None
+
+    def _verify(self, result: dict[str, Factor], batch_grads: dict[str, torch.Tensor | None]) -> bool | None:
+        """Compare Σ per-row gradients with autograd's batch gradient; demote layers that differ.
+
+        Returns True when layers were moved to the generic path, False when all agree, and None
+        when the batch cannot tell (non-finite gradients; the next batch is checked instead).
+        """
         tol = 1e-9 if self.dtype == torch.float64 else (1e-3 if self.dtype == torch.float32 else 3e-2)
         bad_modules = set()
         for name, (cap, _local) in self._capture_of.items():
@@ -238,7 +261,9 @@ class GradientEngine:
             ours = batch_sum(result[name]) if name in result else torch.zeros(ref.numel(), device=ref.device, dtype=ref.dtype)
             err = (ours.reshape(-1) - ref.reshape(-1)).norm()
             scale = ref.norm() + ours.norm() + 1e-30
-            if not torch.isfinite(err) or err <= tol * scale:
+            if not torch.isfinite(err):
+                return None
+            if err <= tol * scale:
                 continue
             bad_modules.add(cap.name)
         if not bad_modules:

@@ -48,7 +48,8 @@ def check_class_labels(outputs: torch.Tensor, targets: torch.Tensor, first_row: 
     if targets.is_floating_point() or outputs.dim() < 2:
         return
     n_classes = outputs.shape[1]
-    bad = (targets < 0) | (targets >= n_classes)
+    # -100 is cross_entropy's ignore_index: such positions add nothing to the loss
+    bad = ((targets < 0) & (targets != -100)) | (targets >= n_classes)
     if bad.any():
         rows = (torch.nonzero(bad.reshape(bad.shape[0], -1).any(1)).flatten() + first_row).tolist()
         values = sorted(set(targets[bad].tolist()))

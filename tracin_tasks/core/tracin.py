@@ -284,13 +284,21 @@ class TracIn:
             )
         logger.warning("%d %s have non-finite gradients (%s); scored NaN: %s", len(rows), what, where, listed)
 
-    def _side(self, engine: GradientEngine, xs: tuple, y: torch.Tensor, offset: int, projector: Projector | None) -> Any:
-        """One batch's gradients, ready for dot products (projected, or factors)."""
+    def _side(
+        self, engine: GradientEngine, xs: tuple, y: torch.Tensor, offset: int, projector: Projector | None
+    ) -> tuple[Any, np.ndarray]:
+        """One batch's gradients, ready for dot products (projected, or factors), and the
+        positions (in the data) of rows whose gradients are not finite."""
         factors, _ = engine.factors(xs, y, offset)
+        finite = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+        for f in factors.values():
+            for t in ((f.g,) if isinstance(f, DenseFactor) else (f.v,) if f.index_size is not None else (f.u, f.v)):
+                finite &= torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+        bad = np.flatnonzero(~finite.cpu().numpy()) + offset
         if projector is not None:
             parts = [projector.project(i, factors[n]) for i, n in enumerate(self.param_names)]
-            return torch.cat([p.reshape(p.shape[0], -1) for p in parts], 1)
-        return factors
+            return torch.cat([p.reshape(p.shape[0], -1) for p in parts], 1), bad
+        return factors, bad
 
     def _dot(self, test_side: Any, train_side: Any) -> torch.Tensor:
         if isinstance(test_side, torch.Tensor):
@@ -330,11 +338,13 @@ class TracIn:
         weights = [c.load_state_dict(self.device) for c in self.checkpoints]
         test_sides: list[list[tuple[slice, Any]]] = []
         n_test = 0
+        bad_test: set[int] = set()
         for ckpt, sd in zip(self.checkpoints, weights):
             engine.load(sd, ckpt.step)
             sides, offset = [], 0
             for xs, y in iterate(test_loader, self.device, engine.dtype, "test data"):
-                side = self._side(engine, xs, y, offset, projector)
+                side, bad = self._side(engine, xs, y, offset, projector)
+                bad_test.update(bad.tolist())
                 if projector is None:
                     side = self._prepare_test(side)
                 sides.append((slice(offset, offset + y.shape[0]), side))
@@ -343,6 +353,7 @@ class TracIn:
                 raise EmptyDatasetError("The test data yielded no rows; pass a non-empty dataset.")
             n_test = offset
             test_sides.append(sides)
+        self._handle_nonfinite(sorted(bad_test), "test rows", "test data")
         offset = 0
         for xs, y in iterate(train_loader, self.device, engine.dtype, "training data"):
             b = y.shape[0]
@@ -350,18 +361,12 @@ class TracIn:
             for ckpt, sd, sides in zip(self.checkpoints, weights, test_sides):
                 if len(self.checkpoints) > 1:
                     engine.load(sd, ckpt.step)
-                train_side = self._side(engine, xs, y, offset, projector)
+                train_side, bad = self._side(engine, xs, y, offset, projector)
+                self._handle_nonfinite(bad.tolist(), "training rows", f"checkpoint step {ckpt.step}")
                 for rows, test_side in sides:
                     block[rows] += ckpt.learning_rate * self._dot(test_side, train_side).double()
             out = block.cpu().numpy()
-            finite = np.isfinite(out)
-            if not finite.all():
-                # a training row with a non-finite gradient spoils its whole column, a test row its row
-                bad_train = (np.flatnonzero(~finite.any(0)) + offset).tolist()
-                bad_test = np.flatnonzero(~finite.any(1)).tolist()
-                self._handle_nonfinite(bad_train, "training rows", "all checkpoints")
-                self._handle_nonfinite(bad_test, "test rows", "all checkpoints")
-                out[~finite] = np.nan
+            out[~np.isfinite(out)] = np.nan  # on_nonfinite="nan": rows named above score NaN
             yield offset, out
             offset += b
         if offset == 0:
