@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 
 import mlflow
@@ -24,7 +25,7 @@ from tracin_tasks.exceptions import (
 from tracin_tasks.examples.digits import build_mlp
 from tracin_tasks.integrations.mlflow_source import CheckpointRef, safe_relpath
 
-from .conftest import MLP_FACTORY, free_port, mlflow_target
+from ._support import MLP_FACTORY, free_port, mlflow_target
 
 MISSING_RUN = "0123456789abcdef0123456789abcdef"
 
@@ -249,11 +250,6 @@ def test_garbage_checkpoint_file_is_a_checkpoint_error(sqlite_store, tmp_path):
         source.checkpoints()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with allow_pickle=True, _load_weights calls torch.load(weights_only=False) unguarded, so an "
-    "unreadable file raises a raw pickle.UnpicklingError instead of CheckpointError",
-)
 def test_garbage_checkpoint_file_with_allow_pickle_is_a_checkpoint_error(sqlite_store, tmp_path):
     run_id = _plain_run(sqlite_store, tmp_path, b"definitely not a torch file" * 20)
     source = tm.MlflowCheckpointSource(run_id, sqlite_store.uri, cache_dir=tmp_path / "c", allow_pickle=True)

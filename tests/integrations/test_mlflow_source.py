@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlflow
@@ -22,10 +21,10 @@ import tracin_tasks.mlflow as tm
 from tracin_tasks import Checkpoint, TracIn
 from tracin_tasks.core.table import TrainingTable
 from tracin_tasks.examples.digits import build_mlp, load_noisy_digits, recall_at
-from tracin_tasks.exceptions import ConfigurationError, NoCheckpointsError, UnsafeCheckpointError
+from tracin_tasks.exceptions import CheckpointError, ConfigurationError, NoCheckpointsError, UnsafeCheckpointError
 from tracin_tasks.integrations.pt2 import read_pt2_state_dict
 
-from .conftest import MLP_FACTORY, REPO_ROOT, evolve, mlflow_target
+from ._support import MLP_FACTORY, REPO_ROOT, evolve, mlflow_target
 
 # The audit a worker runs: nothing but the run id and the tracking URI.
 AUDIT_SCRIPT = r"""
@@ -108,22 +107,13 @@ def _log_helper_run(store, digits, data_logging="helper"):
     "store, data_logging",
     [
         ("sqlite", "helper"),
-        pytest.param(
-            "server", "helper",
-            marks=pytest.mark.xfail(
-                strict=True, raises=MlflowException,
-                reason="bug: log_training_data passes the run's artifact URI (mlflow-artifacts:/...) to "
-                "mlflow.data.from_pandas(source=...), which has no resolver for that scheme",
-            ),
-        ),
+        ("server", "helper"),
         ("server", "by-hand"),  # the same audit over HTTP, training data logged without the helper
     ],
     indirect=["store"],
 )
 def test_run_audited_in_a_fresh_process(store, data_logging, small_digits, tmp_path):
-    t0 = time.monotonic()
     run_id, logged = _log_helper_run(store, small_digits, data_logging)
-    print("logging", time.monotonic() - t0)
 
     out = tmp_path / "out"
     out.mkdir()
@@ -138,7 +128,6 @@ def test_run_audited_in_a_fresh_process(store, data_logging, small_digits, tmp_p
         [sys.executable, "-c", AUDIT_SCRIPT, run_id, store.uri, str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
     )
-    print("subprocess", time.monotonic() - t0)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert list((tmp_path / "worker-cache").rglob("state_dict.pt"))  # the worker used its own cache
     audit = json.loads((out / "audit.json").read_text())
@@ -185,8 +174,12 @@ def test_run_audited_in_a_fresh_process(store, data_logging, small_digits, tmp_p
     assert len(training_inputs) == 1
     dataset = training_inputs[0].dataset
     assert dataset.name == "digits_small"
-    source_uri = json.loads(dataset.source)["uri"]
-    assert source_uri == run.info.artifact_uri.rstrip("/") + "/training_data/digits_small.parquet"
+    source = json.loads(dataset.source)
+    if not run.info.artifact_uri.startswith("mlflow-artifacts:"):
+        assert source["uri"] == run.info.artifact_uri.rstrip("/") + "/training_data/digits_small.parquet"
+    else:  # served by the tracking server: recorded as the HTTP URL it serves the file from
+        assert source["url"].startswith("http://127.0.0.1:")
+        assert source["url"].endswith(f"/api/2.0/mlflow-artifacts/artifacts/{run.info.artifact_uri.split(':/', 1)[1].lstrip('/')}/training_data/digits_small.parquet")
 
 
 def test_in_process_source_matches_logged_weights(sqlite_store, small_digits, tmp_path):
@@ -329,11 +322,6 @@ def test_pt2_reader_reads_the_logged_weights(sqlite_store, logged_model_runs, tm
         _assert_same_weights(read_pt2_state_dict(str(archives[0])), r["weights"][step])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: MlflowCheckpointSource._download fetches 'models:/<model_id>/data/model.pt2', which MLflow "
-    "parses as registered model '<model_id>' at stage 'data' -> CheckpointError 'Registered Model ... not found'",
-)
 def test_logged_model_weights_equal_state_dict_at_each_step(sqlite_store, logged_model_runs, tmp_path):
     r = logged_model_runs
     source = tm.MlflowCheckpointSource(r["run_id"], sqlite_store.uri, cache_dir=tmp_path / "cache",
@@ -355,10 +343,6 @@ def test_pickle_logged_model_refused_by_default(sqlite_store, logged_model_runs,
     assert "allow_pickle=True" in str(info.value) and ref.location in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: LoggedModel files are downloaded from 'models:/<model_id>/<path>', which MLflow cannot resolve",
-)
 def test_pickle_logged_model_loads_with_allow_pickle(sqlite_store, logged_model_runs, tmp_path):
     r = logged_model_runs
     source = tm.MlflowCheckpointSource(r["pickled_run_id"], sqlite_store.uri, cache_dir=tmp_path / "cache",

@@ -97,11 +97,13 @@ def log_training_data(
     table = TrainingTable.from_frame(df, label_column, row_id_column, feature_columns, input_shape)
     client = mlflow.MlflowClient()
     artifact_path = f"training_data/{name}.parquet"
+    uri = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
+    # build the dataset entry first: if MLflow cannot describe the source, nothing is logged
+    dataset = mlflow.data.from_pandas(df, source=_dataset_source(uri), targets=label_column, name=name)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, f"{name}.parquet")
         df.to_parquet(path, index=False)
         client.log_artifact(run_id, path, "training_data")
-    uri = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/" + artifact_path
     spec = {
         "artifact_path": artifact_path,
         "label_column": label_column,
@@ -112,7 +114,6 @@ def log_training_data(
         "fingerprint": table.fingerprint(),
     }
     _log_json(client, run_id, spec, DATA_SPEC)
-    dataset = mlflow.data.from_pandas(df, source=uri, targets=label_column, name=name)
     if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run_id:
         mlflow.log_input(dataset, context="training")
     else:
@@ -122,6 +123,23 @@ def log_training_data(
             run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", "training")])]
         )
     return uri
+
+
+def _dataset_source(artifact_uri: str) -> Any:
+    """A dataset source MLflow can record for a run artifact.
+
+    Artifacts served by a tracking server (``mlflow-artifacts:/…``) have no dataset-source
+    resolver; they are recorded as the HTTP URL the server serves them from.
+    """
+    if not artifact_uri.startswith("mlflow-artifacts:"):
+        return artifact_uri
+    from urllib.parse import urlparse
+
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    parsed = urlparse(artifact_uri)
+    base = f"http://{parsed.netloc}" if parsed.netloc else mlflow.get_tracking_uri().rstrip("/")
+    return HTTPDatasetSource(url=f"{base}/api/2.0/mlflow-artifacts/artifacts/{parsed.path.lstrip('/')}")
 
 
 def log_model_factory(factory: str, run_id: str | None = None, **kwargs: Any) -> None:

@@ -401,7 +401,8 @@ class MlflowCheckpointSource:
         tmp = tempfile.mkdtemp(prefix=".download-", dir=os.path.dirname(final))
         try:
             if model_id:
-                uri = f"models:/{model_id}/{rel}"
+                location = self._call("get_logged_model", lambda: self.client.get_logged_model(model_id))
+                uri = location.artifact_location.rstrip("/") + "/" + rel
                 fetch = lambda: mlflow.artifacts.download_artifacts(  # noqa: E731
                     artifact_uri=uri, dst_path=tmp, tracking_uri=self.tracking_uri
                 )
@@ -422,15 +423,25 @@ class MlflowCheckpointSource:
         try:
             state = torch.load(local, map_location="cpu", weights_only=True)
         except Exception as exc:
+            # torch names the disallowed class when the file holds pickled objects
+            holds_objects = "Unsupported global" in str(exc)
+            if not holds_objects:
+                raise CheckpointError(
+                    f"Checkpoint {local!r} is not a readable torch checkpoint "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). It may be truncated or "
+                    "not a torch.save file; re-log it."
+                ) from exc
             if not self.allow_pickle:
                 raise UnsafeCheckpointError(
-                    f"Checkpoint {local!r} cannot be read as plain weights (torch.load(weights_only=True) "
-                    f"refused it: {str(exc).splitlines()[0]}). Reading it would unpickle arbitrary objects, "
-                    "which can run code. Log state_dicts instead, or pass allow_pickle=True if you trust "
-                    "this run."
+                    f"Checkpoint {local!r} holds pickled Python objects, not only tensors; reading it "
+                    "would unpickle them, which can run code. Log state_dicts instead, or pass "
+                    "allow_pickle=True if you trust this run."
                 ) from exc
             logger.warning("allow_pickle=True: unpickling %s", local)
-            state = torch.load(local, map_location="cpu", weights_only=False)
+            try:
+                state = torch.load(local, map_location="cpu", weights_only=False)
+            except Exception as exc2:
+                raise CheckpointError(f"Checkpoint {local!r} could not be unpickled: {exc2}") from exc2
         if isinstance(state, nn.Module):
             state = state.state_dict()
         if not isinstance(state, dict):
@@ -514,17 +525,18 @@ class MlflowCheckpointSource:
 
     def _spec_from_dataset_input(self) -> dict[str, Any]:
         run = self.run()
-        artifact_root = run.info.artifact_uri.rstrip("/") + "/"
+        marker = f"/{self.run_id}/artifacts/"
         for di in run.inputs.dataset_inputs if run.inputs else []:
             tags = {t.key: t.value for t in di.tags}
             if tags.get("mlflow.data.context") not in (None, "training"):
                 continue
             try:
-                uri = json.loads(di.dataset.source).get("uri", "")
+                source = json.loads(di.dataset.source)
             except (ValueError, AttributeError):
                 continue
-            if uri.startswith(artifact_root) and uri.endswith(".parquet"):
-                return {"artifact_path": uri[len(artifact_root) :]}
+            location = source.get("uri") or source.get("url") or ""
+            if marker in location and location.endswith(".parquet"):
+                return {"artifact_path": location.split(marker, 1)[1]}
         raise TrainingDataError(
             f"Run {self.run_id} has no training data an audit can read: no {DATA_SPEC} and no training "
             "dataset input whose source is a parquet artifact of the run. Log it with "
