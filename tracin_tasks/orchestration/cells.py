@@ -125,11 +125,7 @@ def write_scores(plan: AuditPlan, store: ResultsStore, output_dir: str) -> str:
         }
     )
     os.makedirs(output_dir, exist_ok=True)
-    final = os.path.join(output_dir, "scores.parquet")
-    tmp = os.path.join(output_dir, f".tmp-{uuid.uuid4().hex}-scores.parquet")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, final)
-    return final
+    return _atomic_parquet(frame, os.path.join(output_dir, "scores.parquet"))
 
 
 def scores_summary(path: str, top: int = 5) -> dict[str, Any]:
@@ -143,3 +139,93 @@ def scores_summary(path: str, top: int = 5) -> dict[str, Any]:
         "self_influence_p99": float(np.nanquantile(s, 0.99)),
         "top_rows": frame.iloc[order][["row_id", "label", "self_influence"]].to_dict("records"),
     }
+
+
+def report_audit(
+    plan: AuditPlan,
+    output_dir: str,
+    flag: dict[str, Any] | None = None,
+    validate: bool = True,
+    extra_expectations: list[dict[str, Any]] | None = None,
+    log_to_mlflow: bool = True,
+) -> dict[str, Any]:
+    """Flag rows, validate with Great Expectations, write the report, log it all to MLflow.
+
+    Returns a JSON-able dict: paths of the outputs, the summary, the validation outcome and the
+    MLflow audit run. Raising on a failed validation is the caller's choice.
+    """
+    from datetime import datetime, timezone
+
+    import tracin_tasks
+    from tracin_tasks.core.flagging import FlagPolicy, find_label_issues
+    from tracin_tasks.integrations.report import ReportInputs, write_report
+
+    settings = plan.settings
+    policy = FlagPolicy.from_dict(flag)
+    scores_path = os.path.join(output_dir, "scores.parquet")
+    scores = pd.read_parquet(scores_path)
+    table = _cached_table(settings.run_id, settings.tracking_uri, plan.fingerprint)
+    info = {
+        "run_id": settings.run_id,
+        "tracking_uri": settings.tracking_uri,
+        "audit_key": plan.audit_key,
+        "settings_hash": settings.config_hash(),
+        "fingerprint": plan.fingerprint,
+        "layers": settings.to_dict()["layers"],
+        "loss": settings.loss,
+        "checkpoints": list(plan.checkpoints),
+        "warnings": list(plan.warnings),
+        "audited_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "version": tracin_tasks.__version__,
+    }
+    issues, summary, info = find_label_issues(scores, policy, info)
+    files = {"scores.parquet": scores_path}
+    files["issues.parquet"] = _atomic_parquet(issues, os.path.join(output_dir, "issues.parquet"))
+
+    validation = None
+    data_docs = None
+    if validate:
+        from tracin_tasks.integrations.gx_validation import validate_audit
+
+        max_share = None
+        if policy.top_fraction is not None and not policy.per_class:
+            max_share = policy.top_fraction + 1.0 / len(issues)
+        if policy.budget is not None:
+            max_share = min(max_share or 1.0, policy.budget / len(issues))
+        outcome = validate_audit(
+            issues, expected_row_ids=table.row_ids, known_classes=sorted(set(table.labels.tolist())),
+            n_checkpoints=len(plan.checkpoints), max_flagged_share=max_share, output_dir=output_dir,
+            extra_expectations=extra_expectations or (),
+        )
+        validation = {"success": outcome.success, "results": outcome.results, "statistics": outcome.statistics,
+                      "data_docs": outcome.data_docs_index}
+        data_docs = os.path.dirname(outcome.data_docs_index) if outcome.data_docs_index else None
+
+    images = {}
+    shape = table.input_shape
+    if shape is not None and len([d for d in shape if d > 1]) == 2:
+        top = issues[issues["flagged"]].head(50)
+        positions = pd.Index(table.row_ids).get_indexer(top["row_id"])
+        feats = table.features()
+        images = {rid: feats[pos].reshape([d for d in shape if d > 1]) for rid, pos in zip(top["row_id"], positions)}
+    report = ReportInputs(issues, summary, info, validation, images)
+    files.update(write_report(report, output_dir))
+
+    mlflow_run = None
+    if log_to_mlflow:
+        from tracin_tasks.integrations.mlflow_report import log_audit
+
+        mlflow_run = log_audit(
+            training_run_id=settings.run_id, tracking_uri=settings.tracking_uri, output_dir=output_dir, files=files,
+            issues=issues, summary=summary, info=info, validation=validation, data_docs_dir=data_docs,
+        )
+    return {"files": files, "summary": summary, "validation": validation, "mlflow_run": mlflow_run,
+            "data_docs": validation["data_docs"] if validation else None,
+            "top_flagged": issues[issues["flagged"]].head(20).to_dict("records")}
+
+
+def _atomic_parquet(frame: pd.DataFrame, path: str) -> str:
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path

@@ -13,12 +13,21 @@ import os
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
 
-from tracin_tasks.orchestration.cells import compute_cell, plan_audit, scores_summary, write_scores
+from tracin_tasks.orchestration.cells import compute_cell, plan_audit, report_audit, scores_summary, write_scores
+from tracin_tasks.core.flagging import FlagPolicy
+from tracin_tasks.exceptions import ConfigurationError
+from tracin_tasks.integrations.gx_validation import ValidationFailedError
 from tracin_tasks.orchestration.plan import AuditPlan, AuditSettings, Cell
 from tracin_tasks.orchestration.runners import check_api_for, make_task_runner, parse_task_runner, placement
 from tracin_tasks.orchestration.store import ResultsStore
@@ -84,6 +93,54 @@ def aggregate_task(results_uri: str, audit_key: str, output_dir: str) -> str:
     return write_scores(plan, ResultsStore(results_uri), output_dir)
 
 
+def _md(value: Any) -> str:
+    """Escape a data-derived value for a Prefect markdown artifact (HTML and markdown syntax)."""
+    import html
+
+    text = str(value)
+    for ch in "\\`*_{}[]()#+!|~":
+        text = text.replace(ch, "\\" + ch)
+    text = html.escape(text, quote=True)
+    return text
+
+
+@task(name="report-audit", cache_policy=NO_CACHE, task_run_name="flag, validate and report audit {audit_key}")
+def report_task(results_uri: str, audit_key: str, output_dir: str, flag: dict[str, Any] | None, validate: bool,
+                extra_expectations: list[dict[str, Any]] | None, log_to_mlflow: bool) -> dict[str, Any]:
+    plan = _load_plan(results_uri, audit_key)
+    result = report_audit(plan, output_dir, flag, validate, extra_expectations, log_to_mlflow)
+    summary, validation, run = result["summary"], result["validation"], result["mlflow_run"]
+    gx_line = "not run" if validation is None else ("passed" if validation["success"] else "**FAILED**")
+    lines = [
+        f"# Label audit of run {_md(plan.settings.run_id)}",
+        "",
+        f"* rows audited: **{summary['rows']}**",
+        f"* rows flagged: **{summary['flagged']}** ({summary['flagged_share']:.1%}) — {_md(summary['policy'])}",
+        f"* checkpoints: {len(plan.checkpoints)}",
+        f"* data validation (Great Expectations): {gx_line}",
+        f"* report: {_md(result['files']['report.html'])}",
+    ]
+    if run:
+        lines.append(f"* MLflow audit run: {_md(run['run_id'])}")
+    if validation and not validation["success"]:
+        lines.append("")
+        lines.append("Failed expectations: " + ", ".join(
+            _md(f"{r['expectation']}({r.get('column') or ''})") for r in validation["results"] if not r["success"]))
+    create_markdown_artifact("\n".join(lines), key="tracin-audit-summary", description="TracIn label audit")
+    create_table_artifact(
+        [{"rank": int(r["rank"]), "row_id": str(r["row_id"]), "given_label": str(r["label"]),
+          "suggested_label": str(r["suggested_label"]), "self_influence": float(r["self_influence"]),
+          "reason": str(r["reason"])} for r in result["top_flagged"]],
+        key="tracin-flagged-rows", description="Top flagged rows (rank 1 = most suspicious)",
+    )
+    if run and run.get("report_url"):
+        create_link_artifact(run["report_url"], link_text="Audit report in MLflow", key="tracin-report")
+    else:
+        create_link_artifact("file://" + result["files"]["report.html"], link_text="Audit report (local file)",
+                             key="tracin-report")
+    return {k: result[k] for k in ("files", "summary", "validation", "mlflow_run", "data_docs")}
+
+
 @flow(name="audit-training-run")
 def audit_training_run(
     run_id: str,
@@ -102,8 +159,14 @@ def audit_training_run(
     results_uri: str | None = None,
     model_factory: str | None = None,
     allow_pickle: bool = False,
+    flag: dict[str, Any] | None = None,
+    validate: bool = True,
+    on_validation_failure: str = "fail",
+    extra_expectations: list[dict[str, Any]] | None = None,
+    report: bool = True,
+    log_to_mlflow: bool = True,
 ) -> dict[str, Any]:
-    """Audit one MLflow training run: every row's TracIn self-influence, written to ``scores.parquet``.
+    """Audit one MLflow training run: score every row, flag the suspicious ones, validate, report.
 
     Args:
         run_id: the MLflow run to audit (logged with ``tracin_tasks.mlflow`` or compatible).
@@ -123,6 +186,15 @@ def audit_training_run(
             reach; default ``<output_dir>/cells``). Re-running the same audit skips finished cells.
         model_factory: override the run's recorded ``module:function``.
         allow_pickle: allow checkpoint files that need unpickling (trusted runs only).
+        flag: the flagging policy as a dict of :class:`tracin_tasks.core.flagging.FlagPolicy`
+            fields, e.g. ``{"top_fraction": 0.05, "per_class": true, "budget": 500}``.
+        validate: run the Great Expectations suite over the result (Data Docs in ``output_dir/gx``).
+        on_validation_failure: ``"fail"`` (the flow run fails, after everything is written and
+            logged) or ``"warn"`` (a warning; the flow completes).
+        extra_expectations: more GX expectations over the per-row table,
+            ``[{"type": "expect_...", "kwargs": {...}}]``.
+        report: flag, validate and write ``report.html``; False stops after ``scores.parquet``.
+        log_to_mlflow: log the report, tables, plots and metrics as a child run of the audited run.
 
     Returns:
         A summary: audit key, cell counts, paths of the outputs.
@@ -135,6 +207,9 @@ def audit_training_run(
     )
     choice = parse_task_runner(task_runner, max_workers, gpu)
     check_api_for(choice)
+    if on_validation_failure not in ("fail", "warn"):
+        raise ConfigurationError(f"on_validation_failure must be 'fail' or 'warn', got {on_validation_failure!r}.")
+    FlagPolicy.from_dict(flag)  # a policy that cannot be satisfied fails before any work
     output_dir = os.path.abspath(output_dir or os.path.join("tracin-audit", run_id))
     results_uri = results_uri or os.path.join(output_dir, "cells")
     planned = plan_audit_task(settings.to_dict(), results_uri)
@@ -149,7 +224,24 @@ def audit_training_run(
         "audited run %s: %d rows; %d cells computed, %d reused; scores in %s",
         run_id, summary["rows"], counts["computed"], counts["skipped"], scores_path,
     )
+    reported: dict[str, Any] = {}
+    if report:
+        reported = report_task(results_uri, planned["audit_key"], output_dir, flag, validate, extra_expectations,
+                               log_to_mlflow)
+        s_ = reported["summary"]
+        log.info("flagged %d of %d rows (%s); report: %s", s_["flagged"], s_["rows"], s_["policy"],
+                 reported["files"]["report.html"])
+        validation = reported["validation"]
+        if validation is not None and not validation["success"]:
+            failed = [f"{r['expectation']}({r.get('column') or ''})" for r in validation["results"] if not r["success"]]
+            message = (f"Great Expectations validation of the audit of run {run_id} failed: {', '.join(failed)}. "
+                       f"See {reported['files']['report.html']} and the Data Docs at {reported['data_docs']}.")
+            if on_validation_failure == "fail":
+                raise ValidationFailedError(message)
+            log.warning(message)
     return {
+        **{k: v for k, v in reported.items() if k != "summary"},
+        "flagged": reported["summary"]["flagged"] if reported else None,
         "run_id": run_id,
         "audit_key": planned["audit_key"],
         "output_dir": output_dir,
