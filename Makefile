@@ -22,7 +22,7 @@ export DO_NOT_TRACK := 1
 export MPLCONFIGDIR := $(STATE)/matplotlib
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench venv browser clean
 
 venv: $(VENV)/.installed
 
@@ -34,10 +34,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -c "import torch, tracin_tasks; print('installed tracin-tasks', tracin_tasks.__version__, 'with torch', torch.__version__)"
 	touch $@
 
+# Browser tests drive Debian's Chromium (Playwright's own browser download cannot run offline).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is not installed and cannot be installed here: browser tests will be skipped"; fi; }
+
 demo: venv
 	$(BIN)/tracin-tasks demo --workdir .demo
 
-test: venv
+test: venv browser
 	$(BIN)/python -m pytest -q
 
 bench: venv

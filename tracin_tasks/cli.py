@@ -73,6 +73,19 @@ def _add_audit_options(p: argparse.ArgumentParser) -> None:
                    help="module:function that builds the model, if the run did not record one")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow checkpoint files that need unpickling (only for runs you trust)")
+    g = p.add_argument_group("flagging and reporting")
+    g.add_argument("--score", choices=["self_influence", "self_influence_aum"], default=None,
+                   help="what rows are ranked by (default: the policy's default, see docs/concepts.md)")
+    g.add_argument("--top-fraction", type=float, default=None, help="flag this share of rows (default 0.1)")
+    g.add_argument("--top-k", type=int, default=None, help="flag at most this many rows (per class with --per-class)")
+    g.add_argument("--robust-z", type=float, default=None, help="flag rows with robust z-score at least this")
+    g.add_argument("--per-class", action="store_true", help="rank and select within each class")
+    g.add_argument("--budget", type=int, default=None, help="never flag more rows than this (relabel capacity)")
+    g.add_argument("--no-validate", action="store_true", help="skip the Great Expectations validation")
+    g.add_argument("--on-validation-failure", choices=["fail", "warn"], default="fail",
+                   help="a failed validation fails the run (default) or only warns")
+    g.add_argument("--no-mlflow-report", action="store_true",
+                   help="do not log the report and tables to MLflow (they are still written to --output)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +168,17 @@ class _ProgressBar:
                 continue
 
 
+def _flag_policy(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The --score/--top-*/--robust-z/--per-class/--budget options as a FlagPolicy dict."""
+    policy = {k: getattr(args, k) for k in ("score", "top_fraction", "top_k", "robust_z", "budget")
+              if getattr(args, k) is not None}
+    if args.per_class:
+        policy["per_class"] = True
+    if "top_fraction" not in policy and any(k in policy for k in ("top_k", "robust_z", "budget")):
+        policy["top_fraction"] = None  # the criteria given replace the default "top 10%"
+    return policy or None
+
+
 def run_audit(args: argparse.Namespace) -> dict[str, Any]:
     from tracin_tasks.orchestration import audit_training_run
     from tracin_tasks.orchestration.runners import check_api_for, parse_task_runner
@@ -169,6 +193,8 @@ def run_audit(args: argparse.Namespace) -> dict[str, Any]:
             max_checkpoints=args.max_checkpoints, loss=args.loss, task_runner=args.task_runner,
             max_workers=args.max_workers, gpu=args.gpu, device=args.device, output_dir=output,
             results_uri=results_uri, model_factory=args.model_factory, allow_pickle=args.allow_pickle,
+            flag=_flag_policy(args), validate=not args.no_validate,
+            on_validation_failure=args.on_validation_failure, log_to_mlflow=not args.no_mlflow_report,
         )
 
 
@@ -179,6 +205,17 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print("highest self-influence (row_id, label, score):")
     for row in summary["top_rows"]:
         print(f"  {row['row_id']}\t{row['label']}\t{row['self_influence']:.4g}")
+    if summary.get("flagged") is not None:
+        print(f"flagged: {summary['flagged']} rows -> {summary['files']['issues.parquet']}")
+        print(f"report: {summary['files']['report.html']}")
+    if summary.get("data_docs"):
+        print(f"Great Expectations Data Docs: {summary['data_docs']}")
+    if summary.get("validation") is not None:
+        print(f"validation: {'passed' if summary['validation']['success'] else 'FAILED'}")
+    run = summary.get("mlflow_run")
+    if run:
+        where = run["report_url"] or f"experiment {run['experiment_id']}, run {run['run_id']}, artifact report.html"
+        print(f"MLflow audit run {run['run_id']} (child of the training run): {where}")
     for warning in summary.get("warnings", []):
         print(f"warning: {warning}")
 
@@ -222,7 +259,11 @@ def run_demo(args: argparse.Namespace) -> int:
     _print_summary(summary)
     top = scores.iloc[np.argsort(-scores["self_influence"].to_numpy(), kind="stable")[:5]]
     print("of these, flipped on purpose:", ", ".join(str(r) for r in top["row_id"] if r in flipped_ids) or "none")
-    print(f"\nMLflow UI: mlflow ui --backend-store-uri {tracking_uri} --port 5000  (then open http://127.0.0.1:5000)")
+    run = summary["mlflow_run"]
+    print("\nto look at it in the MLflow UI:")
+    print(f"    {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {tracking_uri} --port 5000")
+    print(f"    then open http://127.0.0.1:5000/#/experiments/{run['experiment_id']}/runs/{run['run_id']}"
+          "/artifacts/report.html")
     return 0
 
 
