@@ -9,7 +9,8 @@ For two models, on 6,400 synthetic rows with batches of 256 everywhere:
   Conv2d(1,16,3,p1)-ReLU-Conv2d(16,32,3,p1)-ReLU-MaxPool2d(2)-Flatten-Linear(512,10).
 
 it measures, in one run, the time of one plain training epoch (SGD step per batch, same rows,
-same batch size, same DataLoader) and the time of self-influence for ONE checkpoint with:
+same batch size, ``DataLoader(dataset, 256, shuffle=True)``) and the time of self-influence for
+ONE checkpoint with:
 
 * tracin_tasks, all layers and ``layers="last"``;
 * Captum ``TracInCP`` (hook path: ``sample_wise_grads_per_batch=True``, all layers);
@@ -17,13 +18,20 @@ same batch size, same DataLoader) and the time of self-influence for ONE checkpo
 * plain ``torch.func``: ``functional_call`` + ``vmap(grad)`` over all parameters, summing the
   squared norms per row.
 
-Every figure is the median of several repeats after a warm-up, and is also given in epochs
-(time / epoch time). Each method reads the checkpoint from the same ``torch.save`` file once
-per call and walks the same DataLoader, so loading costs are alike. Then, in a fresh
-subprocess per size, the peak memory of tracin_tasks' all-layer self-influence over N and
-10×N rows of a lazily generated dataset (rows are synthesised from their index, so the data
-takes no memory): CPU peak RSS growth over a baseline taken after model/data creation, or
-``torch.cuda.max_memory_allocated`` growth on CUDA.
+Every figure is the median of several repeats after a warm-up, the repeats of all methods
+interleaved round-robin (so changes in machine load hit them alike), and is also given in
+epochs (time / epoch time). Each method reads the checkpoint from the same ``torch.save`` file
+once per call. tracin_tasks is given the Dataset and the batch size, as its API intends, and
+builds its own loader; Captum and torch.func walk ``DataLoader(dataset, 256)`` (on CUDA every
+loader's collate moves the batch to the device), so data loading is paid alike. The scores of
+tracin_tasks, Captum and torch.func are compared on the same data.
+
+Then, in a fresh subprocess per size, the peak memory of tracin_tasks' all-layer
+self-influence over N and 10×N rows of a lazily generated dataset (rows are synthesised from
+their index, so the data takes no memory): on CPU the peak RSS growth over a baseline taken
+after model/data creation (the kernel's high-water mark is reset there through
+/proc/self/clear_refs; ru_maxrss deltas where that is not possible), on CUDA the growth of
+``torch.cuda.max_memory_allocated``.
 
 The targets are printed next to the figures and marked met or not; nothing fails on a miss
 (the exit status is 0 unless something crashed). ``--quick`` shrinks everything to a smoke
@@ -65,11 +73,21 @@ if _REPO not in sys.path:  # run from a checkout without installing
 
 from tracin_tasks import Checkpoint, TracIn  # noqa: E402
 
-try:
-    import captum
-    from captum.influence import TracInCP, TracInCPFast
-except ImportError:  # the Captum rows then read "n/a"
-    captum = None
+# Captum is imported by main() only (it pulls in matplotlib; the memory workers need none of it)
+captum: Any = None
+TracInCP: Any = None
+TracInCPFast: Any = None
+
+
+def _import_captum() -> None:
+    global captum, TracInCP, TracInCPFast
+    try:
+        import captum as _captum
+        from captum.influence import TracInCP as _cp, TracInCPFast as _cpf
+    except ImportError:  # the Captum rows then read "n/a"
+        return
+    captum, TracInCP, TracInCPFast = _captum, _cp, _cpf
+
 
 warnings.filterwarnings("ignore", message="Input Tensor .* did not already require gradients")
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="captum")
@@ -180,21 +198,35 @@ class Timing:
     result: Any = field(default=None, repr=False)
 
 
-def measure(fn: Callable[[], Any], repeats: int, device: torch.device, warmup: int = 1) -> Timing:
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    result = None
-    for _ in range(warmup):
-        result = fn()
+def measure_interleaved(
+    fns: dict[str, tuple[Callable[[], Any], int, int]], device: torch.device
+) -> dict[str, Timing]:
+    """Median wall time of each ``fn`` in ``{name: (fn, repeats, warmups)}``.
+
+    After the warm-ups, the timed runs go round-robin (round r times every method that still
+    has repeats left, in an order rotated by r), so a change in machine load during the run hits
+    every method alike instead of whichever happened to be measured then.
+    """
+    results: dict[str, Any] = {}
+    for name, (fn, _, warmups) in fns.items():
+        for _ in range(warmups):
+            results[name] = fn()
+    gc.collect()  # once, outside the timed runs (it can take a while with a big heap)
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        gc.collect()
-        _sync(device)
-        t0 = time.perf_counter()
-        result = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return Timing(statistics.median(times), times, result)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(max(rep for _, rep, _ in fns.values())):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            fn, repeats, _ = fns[name]
+            if r >= repeats:
+                continue
+            _sync(device)
+            t0 = time.perf_counter()
+            results[name] = fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {n: Timing(statistics.median(times[n]), times[n], results.get(n)) for n in fns}
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer) -> None:
@@ -266,30 +298,32 @@ def bench_model(kind: str, args, device: torch.device, workdir: str) -> dict[str
     opt = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
 
     res: dict[str, Any] = {"title": title, "params": sum(p.numel() for p in model.parameters()), "rows": args.rows}
-    # a couple of epochs give a realistic checkpoint and warm everything up; then time epochs
+    # a couple of epochs give a realistic checkpoint and warm the training path up
     for _ in range(args.train_epochs):
         train_epoch(model, train_loader, opt)
-    epoch = measure(lambda: train_epoch(model, train_loader, opt), args.repeats, device, warmup=0)
-    res["epoch_s"] = epoch.median
-    res["epoch_times"] = epoch.times
-    res["data_pass_s"] = measure(lambda: [None for _ in loader], args.repeats, device).median
-
     path = os.path.join(workdir, f"{kind}.pt")
     torch.save(model.state_dict(), path)
-    ckpt = Checkpoint(path=path, learning_rate=LEARNING_RATE, step=args.train_epochs + args.repeats)
+    ckpt = Checkpoint(path=path, learning_rate=LEARNING_RATE, step=args.train_epochs)
     lrs = {path: LEARNING_RATE}
     fresh = build().to(device)  # its own weights are never used: every method loads the file
 
-    methods: dict[str, Callable[[], Any]] = {}
     tr_all = TracIn(fresh, [ckpt], device=device)
     tr_last = TracIn(fresh, [ckpt], layers="last", device=device)
-    # first call on a fresh object (builds the engine, checks it once against autograd)
+    # the first call on a new TracIn builds its engine and checks it once against autograd;
+    # it doubles as tracin_all's warm-up
     t0 = time.perf_counter()
-    TracIn(fresh, [ckpt], device=device).self_influence(loader, args.batch_size)
+    tr_all.self_influence(data, args.batch_size)
     _sync(device)
     res["tracin_all_first_call_s"] = time.perf_counter() - t0
-    methods["tracin_all"] = lambda: tr_all.self_influence(loader, args.batch_size)
-    methods["tracin_last"] = lambda: tr_last.self_influence(loader, args.batch_size)
+
+    # {name: (fn, repeats, warm-ups)}; the training epoch keeps training the model (its
+    # checkpoint is already saved) and is timed in the same rounds as everything else
+    fns: dict[str, tuple[Callable[[], Any], int, int]] = {
+        "epoch": (lambda: train_epoch(model, train_loader, opt), args.repeats, 0),
+        "data_pass": (lambda: [None for _ in loader], args.repeats, 1),
+        "tracin_all": (lambda: tr_all.self_influence(data, args.batch_size), args.repeats, 0),
+        "tracin_last": (lambda: tr_last.self_influence(data, args.batch_size), args.repeats, 1),
+    }
     if captum is not None:
         cp = TracInCP(
             copy.deepcopy(fresh), data, [path], checkpoints_load_func=load_for_captum(lrs),
@@ -300,20 +334,23 @@ def bench_model(kind: str, args, device: torch.device, workdir: str) -> dict[str
             copy.deepcopy(fresh), "fc", data, [path], checkpoints_load_func=load_for_captum(lrs),
             loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=args.batch_size,
         )
-        methods["captum_cp"] = lambda: cp.self_influence(loader, outer_loop_by_checkpoints=True)
-        methods["captum_fast"] = lambda: cpf.self_influence(loader, outer_loop_by_checkpoints=True)
+        fns["captum_cp"] = (lambda: cp.self_influence(loader, outer_loop_by_checkpoints=True), args.captum_repeats, 1)
+        fns["captum_fast"] = (lambda: cpf.self_influence(loader, outer_loop_by_checkpoints=True), args.captum_repeats, 1)
     func_model = copy.deepcopy(fresh)
-    methods["torch_func"] = lambda: torch_func_self_influence(func_model, path, LEARNING_RATE, loader, device)
+    fns["torch_func"] = (lambda: torch_func_self_influence(func_model, path, LEARNING_RATE, loader, device), args.repeats, 1)
 
+    timings = measure_interleaved(fns, device)
+    epoch_s = timings["epoch"].median
     outputs = {}
-    for name, fn in methods.items():
-        repeats = args.captum_repeats if name.startswith("captum") else args.repeats
-        t = measure(fn, repeats, device)
+    for name, t in timings.items():
         res[f"{name}_s"] = t.median
         res[f"{name}_times"] = t.times
-        res[f"{name}_epochs"] = t.median / epoch.median
+        res[f"{name}_epochs"] = t.median / epoch_s
         out = t.result
-        outputs[name] = out.detach().cpu().double().numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+        if isinstance(out, torch.Tensor):
+            outputs[name] = out.detach().cpu().double().numpy()
+        elif isinstance(out, np.ndarray):
+            outputs[name] = out
 
     agree = {}
     if "captum_cp" in outputs:
@@ -392,7 +429,7 @@ def bench_memory(args, device: torch.device, workdir: str) -> dict[str, Any]:
             torch.save(MODELS[kind][1]().state_dict(), path)
         for rows in (args.memory_rows, 10 * args.memory_rows):
             cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", kind, str(rows), path,
-                   "--device", device.type, "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+                   "--device", device.type, "--batch-size", str(args.batch_size), "--threads", str(args.memory_threads)]
             procs.append((kind, rows, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     for kind, rows, proc in procs:
         stdout, stderr = proc.communicate()
@@ -419,19 +456,18 @@ def profile_tracin(kind: str, args, device: torch.device, workdir: str) -> str:
     """torch.profiler op table and cProfile top functions for one all-layer call."""
     path = os.path.join(workdir, f"{kind}.pt")
     data = make_dataset(kind, args.rows)
-    loader = make_loader(data, args.batch_size, device)
     tr = TracIn(MODELS[kind][1]().to(device), [Checkpoint(path=path, learning_rate=LEARNING_RATE)], device=device)
-    tr.self_influence(loader, args.batch_size)  # warm
+    tr.self_influence(data, args.batch_size)  # warm
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        tr.self_influence(loader, args.batch_size)
+        tr.self_influence(data, args.batch_size)
     sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=48)
     pr = cProfile.Profile()
     pr.enable()
-    tr.self_influence(loader, args.batch_size)
+    tr.self_influence(data, args.batch_size)
     pr.disable()
     buf = io.StringIO()
     pstats.Stats(pr, stream=buf).sort_stats("cumulative").print_stats(28)
@@ -458,6 +494,20 @@ def _device_name(device: torch.device) -> str:
     return f"CPU — {name} ({os.cpu_count()} logical cores)"
 
 
+def _tracin_version() -> str:
+    import tracin_tasks
+
+    text = f"{tracin_tasks.__version__} from {os.path.dirname(os.path.abspath(tracin_tasks.__file__))}"
+    try:
+        rev = subprocess.run(["git", "-C", _REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", _REPO, "status", "--porcelain", "--", "tracin_tasks"], capture_output=True, text=True, timeout=10)
+        if rev.returncode == 0:
+            text += f" (git {rev.stdout.strip()}{', tracin_tasks/ has uncommitted changes' if dirty.stdout.strip() else ''})"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return text
+
+
 def _fmt_s(s: float) -> str:
     return f"{s * 1e3:9.1f} ms" if s < 10 else f"{s:9.2f} s "
 
@@ -480,10 +530,15 @@ def report(results: dict[str, Any], memory: dict[str, Any] | None, args, device:
     w(f"device       : {_device_name(device)}")
     w(f"torch        : {torch.__version__}   threads: {torch.get_num_threads()} intra-op, "
       f"{torch.get_num_interop_threads()} inter-op   python {platform.python_version()}")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load is not None:
+        w(f"load average : {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (at the end of the run; other work on the machine skews timings)")
+    w(f"tracin_tasks : {_tracin_version()}")
     w(f"captum       : {captum.__version__ if captum is not None else 'not installed (Captum rows n/a)'}")
     w(f"setup        : {args.rows} rows, batch {args.batch_size}, 1 checkpoint (float32); median of "
-      f"{args.repeats} repeats after a warm-up (Captum: {args.captum_repeats}){'   [QUICK MODE]' if args.quick else ''}")
-    w("               every method walks the same DataLoader and reads the checkpoint file once per call")
+      f"{args.repeats} repeats after a warm-up (Captum: {args.captum_repeats}), interleaved round-robin{'   [QUICK MODE]' if args.quick else ''}")
+    w("               tracin_tasks gets the Dataset; training/Captum/torch.func walk DataLoader(dataset, batch);")
+    w("               every method reads the checkpoint file once per call")
     w("")
     labels = [
         ("tracin_all", "tracin_tasks, all layers"),
@@ -496,7 +551,7 @@ def report(results: dict[str, Any], memory: dict[str, Any] | None, args, device:
         w(f"[{kind}] {r['title']}  ({r['params']:,} parameters)")
         w(f"  {'method':<42}{'median':>12}{'epochs/ckpt':>14}   {'target':<14}{'':<8}")
         w(f"  {'training epoch (SGD step per batch)':<42}{_fmt_s(r['epoch_s'])}{1.0:>14.2f}")
-        w(f"  {'  of which: one pass of the DataLoader':<42}{_fmt_s(r['data_pass_s'])}{r['data_pass_s'] / r['epoch_s']:>14.2f}")
+        w(f"  {'  (one pass of the DataLoader alone)':<42}{_fmt_s(r['data_pass_s'])}{r['data_pass_s'] / r['epoch_s']:>14.2f}")
         for key, label in labels:
             if f"{key}_s" not in r:
                 w(f"  {label:<42}{'n/a':>12}{'n/a':>14}")
@@ -537,8 +592,8 @@ def report(results: dict[str, Any], memory: dict[str, Any] | None, args, device:
         w("")
     if memory is not None:
         unit = "torch.cuda.max_memory_allocated growth" if device.type == "cuda" else "peak RSS growth (VmHWM) over a post-setup baseline"
-        w(f"Peak memory of tracin_tasks all-layer self-influence — fresh process per size, lazily generated rows;")
-        w(f"  measure: {unit}")
+        w("Peak memory of tracin_tasks all-layer self-influence — fresh process per size, lazily generated rows;")
+        w(f"  measure: {unit}; {args.memory_threads} thread(s) per process, all sizes run side by side")
         w(f"  {'model':<8}{'N rows':>10}{'at N':>14}{'10×N rows':>12}{'at 10×N':>14}{'ratio':>8}   {'target':<10}")
         for kind, m in memory.items():
             limit = TARGETS["memory_ratio"]
@@ -559,18 +614,20 @@ def report(results: dict[str, Any], memory: dict[str, Any] | None, args, device:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: a smoke test in seconds")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke test (seconds of work, plus interpreter start-ups)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", metavar="PATH", help="also write every figure to this JSON file")
     parser.add_argument("--profile", action="store_true", help="print a profile of tracin_tasks' all-layer call")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--rows", type=int, default=None, help="rows per model (default 6400; quick 512)")
+    parser.add_argument("--rows", type=int, default=None, help="rows per model (default 6400; quick 384)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7; quick 1)")
     parser.add_argument("--captum-repeats", type=int, default=None, help="timed repeats for Captum (default 3; quick 1)")
-    parser.add_argument("--memory-rows", type=int, default=None, help="N for the memory check (default 6400; quick 512)")
+    parser.add_argument("--memory-rows", type=int, default=None, help="N for the memory check (default 6400; quick 256)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--memory-threads", type=int, default=1,
+                        help="torch threads in each memory subprocess (default 1: they run side by side)")
     parser.add_argument("--memory-worker", nargs=3, metavar=("MODEL", "ROWS", "CKPT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -579,14 +636,15 @@ def main(argv: list[str] | None = None) -> int:
         kind, rows, path = args.memory_worker
         memory_worker(kind, int(rows), path, args.device, args.batch_size, args.threads)
         return 0
+    _import_captum()
     if args.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: torch.cuda.is_available() is False (this torch is "
               f"{torch.__version__}); install a CUDA build of torch or use --device cpu.", file=sys.stderr)
         return 2
-    args.rows = args.rows or (512 if args.quick else 6400)
+    args.rows = args.rows or (384 if args.quick else 6400)
     args.repeats = args.repeats or (1 if args.quick else 7)
     args.captum_repeats = args.captum_repeats or (1 if args.quick else 3)
-    args.memory_rows = args.memory_rows or (512 if args.quick else 6400)
+    args.memory_rows = args.memory_rows or (256 if args.quick else 6400)
     args.train_epochs = 1 if args.quick else 2
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -597,11 +655,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_core_") as workdir:
         results = {}
         for kind in args.models:
-            print(f"... timing {kind}", file=sys.stderr, flush=True)
+            print(f"... timing {kind} ({time.perf_counter() - t_start:.1f} s)", file=sys.stderr, flush=True)
             results[kind] = bench_model(kind, args, device, workdir)
         memory = None
         if not args.no_memory:
-            print("... memory subprocesses", file=sys.stderr, flush=True)
+            print(f"... memory subprocesses ({time.perf_counter() - t_start:.1f} s)", file=sys.stderr, flush=True)
             memory = bench_memory(args, device, workdir)
         text, verdicts = report(results, memory, args, device)
         print(text)
@@ -615,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
         payload = {
             "device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "captum": captum.__version__ if captum is not None else None, "quick": args.quick,
+            "tracin_tasks": _tracin_version(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "rows": args.rows, "batch_size": args.batch_size, "repeats": args.repeats,
             "captum_repeats": args.captum_repeats, "targets": TARGETS, "models": results,
             "memory": {k: {str(kk): vv for kk, vv in v.items()} for k, v in (memory or {}).items()},

@@ -249,3 +249,40 @@ def test_last_layer_vs_tracincpfast_differs_by_the_bias_term(kind, tmp_path):
         bias_term += lrs[path] * g.pow(2).sum(1).numpy()
     assert (bias_term > 0).all()
     _assert_close(ours, theirs + bias_term, f"{kind} last layer = Captum fast + bias term")
+
+
+class _ReflectCNN(nn.Module):
+    """Reflect/circular padding and a LayerNorm: outside Captum's hook path (see below)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1, padding_mode="reflect")
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")
+        self.norm = nn.LayerNorm(4 * 8 * 8)
+        self.fc = nn.Linear(4 * 8 * 8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(torch.tanh(self.norm(h.flatten(1))))
+
+
+def test_models_outside_captums_hook_path_match_its_per_row_path(tmp_path):
+    """Reflect/circular padding and LayerNorm: tracin_tasks = oracle = Captum's per-row path.
+
+    Captum 0.9's hook path (sample_wise_grads_per_batch=True) is not usable here, and not a
+    reference: it unfolds every Conv2d input with zero padding whatever ``padding_mode`` is
+    (self-influence off by ~2% on such a model), silently leaves out the parameters of modules
+    other than Linear/Conv2d (LayerNorm, Conv1d, ...) when ``layers=None``, and raises on
+    ``padding="same"``. Its per-row path (sample_wise_grads_per_batch=False) is exact.
+    """
+    model = _ReflectCNN().to(F64)
+    ckpts, paths, lrs = _save_checkpoints(model, tmp_path)
+    train = _data("cnn", 12, 5)
+    x, y = train.tensors
+    exact = oracle.self_influence(model, ckpts, x, y)
+    ours = TracIn(model, ckpts).self_influence(train, batch_size=5)
+    per_row = _captum_cp(model, train, paths, lrs, sample_wise=False).self_influence(
+        DataLoader(train, batch_size=5), outer_loop_by_checkpoints=True
+    )
+    _assert_close(ours, exact, "tracin_tasks vs oracle")
+    _assert_close(per_row.numpy(), exact, "Captum per-row path vs oracle")

@@ -6,7 +6,15 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
 from tracin_tasks.exceptions import ConfigurationError, DataError, EmptyDatasetError
 
@@ -34,6 +42,11 @@ def make_loader(data: Any, batch_size: int, what: str = "data") -> DataLoader:
             )
         dataset = data.dataset
         loader = data
+    elif isinstance(data, TensorDataset):
+        # index whole batches at once instead of collating row by row
+        dataset = data
+        batches = BatchSampler(SequentialSampler(data), batch_size=batch_size, drop_last=False)
+        loader = DataLoader(data, sampler=batches, batch_size=None)
     elif isinstance(data, Dataset):
         dataset = data
         loader = DataLoader(data, batch_size=batch_size, shuffle=False)

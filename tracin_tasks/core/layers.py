@@ -71,7 +71,7 @@ class Capture:
 
 
 def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Unfold the input of a 1-D or 2-D convolution into patches: ``(B, C_in·k, L)``."""
+    """Unfold the input of a 1-D or 2-D convolution into patches, per group: ``(B, G, L, C_in/G·k)``."""
     mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
     pad = list(module._reversed_padding_repeated_twice)
     if any(pad):
@@ -81,7 +81,16 @@ def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tenso
         kernel, dilation, stride = (1, module.kernel_size[0]), (1, module.dilation[0]), (1, module.stride[0])
     else:
         kernel, dilation, stride = module.kernel_size, module.dilation, module.stride
-    return F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)
+    b, c = x.shape[:2]
+    groups = module.groups
+    if tuple(dilation) == (1, 1):
+        # strided views are much cheaper than F.unfold's im2col on CPU
+        win = x.unfold(2, kernel[0], stride[0]).unfold(3, kernel[1], stride[1])  # (B, C, oh, ow, kh, kw)
+        length = win.shape[2] * win.shape[3]
+        win = win.permute(0, 2, 3, 1, 4, 5).reshape(b, length, groups, -1)
+        return win.transpose(1, 2)
+    patches = F.unfold(x, kernel, dilation=dilation, padding=0, stride=stride)  # (B, C·k, L)
+    return patches.reshape(b, groups, -1, patches.shape[-1]).transpose(2, 3)
 
 
 def _normalised(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -104,6 +113,11 @@ def _normalised(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     raise TypeError(type(module).__name__)
 
 
+def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Concatenate the positions of a module's calls; one call needs no copy."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def factors_for(capture: Capture, grads: list[torch.Tensor | None]) -> dict[str, Factor]:
     """Turn the recorded calls of one module and their output gradients into factors.
 
@@ -119,7 +133,7 @@ def factors_for(capture: Capture, grads: list[torch.Tensor | None]) -> dict[str,
             b = a.shape[0]
             us.append(a.reshape(b, 1, -1, a.shape[-1]))
             vs.append(g.reshape(b, 1, -1, g.shape[-1]))
-        u, v = torch.cat(us, 2), torch.cat(vs, 2)
+        u, v = _cat(us, 2), _cat(vs, 2)
         if "weight" in capture.params:
             out["weight"] = OuterFactor(u.to(v.dtype), v)
         if "bias" in capture.params:
@@ -129,11 +143,10 @@ def factors_for(capture: Capture, grads: list[torch.Tensor | None]) -> dict[str,
         us, vs = [], []
         for x, g in pairs:
             b = x.shape[0]
-            patches = _conv_patches(module, x)  # (B, C_in·k, L)
-            length = patches.shape[-1]
-            us.append(patches.reshape(b, groups, -1, length).transpose(2, 3))
-            vs.append(g.reshape(b, groups, -1, length).transpose(2, 3))
-        u, v = torch.cat(us, 2), torch.cat(vs, 2)
+            patches = _conv_patches(module, x)  # (B, G, L, C_in/G·k)
+            us.append(patches)
+            vs.append(g.reshape(b, groups, -1, patches.shape[2]).transpose(2, 3))
+        u, v = _cat(us, 2), _cat(vs, 2)
         if "weight" in capture.params:
             out["weight"] = OuterFactor(u.to(v.dtype), v)
         if "bias" in capture.params:
@@ -147,7 +160,7 @@ def factors_for(capture: Capture, grads: list[torch.Tensor | None]) -> dict[str,
                 idx = torch.where(idx == module.padding_idx, torch.full_like(idx, -1), idx)
             idx_parts.append(idx)
             vs.append(g.reshape(b, 1, -1, g.shape[-1]))
-        out["weight"] = OuterFactor(torch.cat(idx_parts, 1), torch.cat(vs, 2), module.num_embeddings)
+        out["weight"] = OuterFactor(_cat(idx_parts, 1), _cat(vs, 2), module.num_embeddings)
     else:  # normalisation layers: per-row gradients are as small as one activation
         w_parts, b_parts = [], []
         for x, g in pairs:

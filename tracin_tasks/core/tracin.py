@@ -51,6 +51,31 @@ class CheckpointPass:
     confidence: np.ndarray
 
 
+class _Columns:
+    """Per-row outputs of one pass: preallocated when the row count is known, else gathered."""
+
+    _DTYPES = {"predicted": np.int64}
+
+    def __init__(self, fields: Sequence[str], n: int | None):
+        self.n = n
+        self.arrays = {k: np.empty(n, dtype=self._DTYPES.get(k, np.float64)) for k in fields} if n else None
+        self.parts: dict[str, list[np.ndarray]] = {k: [] for k in fields}
+
+    def put(self, offset: int, values: dict[str, np.ndarray]) -> None:
+        b = len(values["squared_norm"])
+        if self.arrays is not None and offset + b <= self.n:
+            for k, arr in self.arrays.items():
+                arr[offset : offset + b] = values[k]
+        else:
+            for k in self.parts:
+                self.parts[k].append(values[k])
+
+    def finish(self, total: int) -> dict[str, np.ndarray]:
+        if self.arrays is not None and total == self.n:
+            return self.arrays
+        return {k: np.concatenate(v) if v else np.empty(0) for k, v in self.parts.items()}
+
+
 def _row_signals(outputs: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> dict[str, np.ndarray]:
     """Per-row loss, margin, prediction and confidence from a batch's outputs."""
     with torch.no_grad():
@@ -173,9 +198,9 @@ class TracIn:
             >>> scores = TracIn(model, ckpts).self_influence(TensorDataset(x, y))
         """
         scores: np.ndarray | None = None
-        for p in self.checkpoint_passes(data, batch_size):
+        for p in self._passes(data, batch_size, signals=False):
             contribution = p.learning_rate * p.squared_norm
-            scores = contribution if scores is None else scores + contribution
+            scores = contribution if scores is None else np.add(scores, contribution, out=scores)
         assert scores is not None  # internal invariant: check_checkpoints guarantees one checkpoint
         return scores
 
@@ -191,18 +216,25 @@ class TracIn:
         Yields:
             :class:`CheckpointPass` per checkpoint, in the order given.
         """
+        return self._passes(data, batch_size, signals=True)
+
+    def _passes(self, data: Any, batch_size: int, signals: bool) -> Iterator[CheckpointPass]:
         loader = make_loader(data, batch_size, "data")
         engine = self._engine()
         n_known = dataset_length(loader)
+        fields = _PASS_FIELDS if signals else ("squared_norm",)
         for ckpt in self.checkpoints:
             engine.load(ckpt.load_state_dict(self.device), ckpt.step)
-            columns: dict[str, list[np.ndarray]] = {k: [] for k in _PASS_FIELDS}
+            # one array per field, allocated once when the length is known: per-batch pieces kept
+            # alive until the end would fragment the heap and make memory grow with the rows
+            columns = _Columns(fields, n_known)
             offset = 0
             for xs, y in iterate(loader, self.device, engine.dtype, "data"):
                 factors, outputs = engine.factors(xs, y, offset)
-                columns["squared_norm"].append(self._squared_norms(factors).double().cpu().numpy())
-                for key, value in _row_signals(outputs, y, self._loss_fn).items():
-                    columns[key].append(value)
+                values = {"squared_norm": self._squared_norms(factors).double().cpu().numpy()}
+                if signals:
+                    values.update(_row_signals(outputs, y, self._loss_fn))
+                columns.put(offset, values)
                 offset += y.shape[0]
             if offset == 0:
                 raise EmptyDatasetError("The data yielded no rows; nothing to score. Pass a non-empty dataset.")
@@ -212,10 +244,13 @@ class TracIn:
                     f"{n_known}; it must yield every row, in the same order, on every pass."
                 )
             n_known = offset
-            arrays = {k: np.concatenate(v) for k, v in columns.items()}
+            arrays = columns.finish(offset)
             bad = np.flatnonzero(~np.isfinite(arrays["squared_norm"])).tolist()
             self._handle_nonfinite(bad, "rows", f"checkpoint step {ckpt.step}")
             arrays["squared_norm"][bad] = np.nan
+            for key in _PASS_FIELDS:
+                if key not in arrays:
+                    arrays[key] = np.empty(0)
             yield CheckpointPass(step=ckpt.step, learning_rate=ckpt.learning_rate, **arrays)
 
     def influence(self, train_data: Any, test_data: Any, batch_size: int = 256) -> np.ndarray:
