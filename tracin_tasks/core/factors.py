@@ -101,7 +101,8 @@ def materialise(factor: Factor) -> torch.Tensor:
         v = factor.v[:, 0] * (factor.u >= 0).unsqueeze(-1).to(factor.v.dtype)
         out.scatter_add_(1, idx.unsqueeze(-1).expand(b, t, dim), v)
         return out.reshape(b, -1)
-    w = torch.einsum("bktq,bktp->bkqp", factor.v, factor.u)
+    # v is usually a transposed view of the layer's output gradient, so vᵀ is contiguous
+    w = torch.matmul(factor.v.transpose(-1, -2), factor.u)  # (B, K, q, p)
     return w.reshape(w.shape[0], -1)
 
 

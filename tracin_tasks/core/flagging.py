@@ -20,7 +20,7 @@ import pandas as pd
 
 from tracin_tasks.exceptions import ConfigurationError, DataError
 
-SCORES = ("self_influence", "self_influence_aum")
+SCORES = ("auto", "self_influence", "self_influence_aum")
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,11 @@ class FlagPolicy:
     """Which rows to flag for relabeling.
 
     Attributes:
-        score: what rows are ranked by: ``"self_influence"`` (pure TracIn), or
+        score: what rows are ranked by: ``"self_influence"`` (pure TracIn),
             ``"self_influence_aum"`` (standardised log self-influence minus standardised area
-            under the margin, both free from the same checkpoints; see docs/concepts.md).
+            under the margin, both free from the same checkpoints), or ``"auto"`` (the default:
+            the combination for classifiers, plain self-influence otherwise). On digits the
+            combination found the most flipped labels; see docs/benchmarks.md.
         top_k: flag at most the k highest-ranked rows (per class with ``per_class``).
         top_fraction: flag the highest-ranked fraction of rows (per class with ``per_class``).
         threshold: flag rows whose score is at least this.
@@ -39,7 +41,7 @@ class FlagPolicy:
         budget: never flag more than this many rows in all (the relabel team's capacity).
     """
 
-    score: str = "self_influence"
+    score: str = "auto"
     top_k: int | None = None
     top_fraction: float | None = 0.1
     threshold: float | None = None
@@ -97,7 +99,14 @@ class FlagPolicy:
         text = " and ".join(parts) + where if parts else "highest scores"
         if self.budget is not None:
             text += f", at most {self.budget} rows"
-        return f"{text}, ranked by {self.score}"
+        return f"{text}, ranked by {_SCORE_NAMES[self.score]}"
+
+
+_SCORE_NAMES = {
+    "auto": "self-influence combined with the area under the margin (plain self-influence for non-classifiers)",
+    "self_influence": "self-influence",
+    "self_influence_aum": "self-influence combined with the area under the margin",
+}
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
@@ -186,7 +195,10 @@ def find_label_issues(
             f"{scores['row_id'].to_numpy()[bad][:10].tolist()}); fix the audit before flagging."
         )
     aum = scores["aum"].to_numpy(dtype=np.float64) if "aum" in scores.columns else None
-    score = compute_score(si, aum, policy.score)
+    kind = policy.score
+    if kind == "auto":
+        kind = "self_influence_aum" if aum is not None and np.isfinite(aum).all() else "self_influence"
+    score = compute_score(si, aum, kind)
     labels = scores["label"].to_numpy()
     n = len(scores)
 
@@ -238,7 +250,7 @@ def find_label_issues(
         "rows": int(n),
         "flagged": int(flagged.sum()),
         "flagged_share": float(flagged.mean()),
-        "policy": policy.describe(),
+        "policy": policy.describe().replace(_SCORE_NAMES["auto"], _SCORE_NAMES[kind]),
         "score_cutoff": cutoff,
         "per_class": per_class.to_dict("records"),
         "score_quantiles": dict(zip(["min", "p25", "median", "p75", "p90", "p99", "max"], map(float, q))),
@@ -246,5 +258,5 @@ def find_label_issues(
             zip(["min", "p25", "median", "p75", "p90", "p99", "max"], map(float, np.quantile(si, [0, .25, .5, .75, .9, .99, 1])))
         ),
     }
-    full_info = {**(info or {}), "policy": policy.to_dict()}
+    full_info = {**(info or {}), "policy": policy.to_dict(), "score": kind}
     return issues, summary, full_info
