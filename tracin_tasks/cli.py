@@ -256,6 +256,11 @@ def run_demo(args: argparse.Namespace) -> int:
     for share in (0.10, 0.20):
         print(f"    flipped rows found in the top {share:.0%} by self-influence: "
               f"{recall_at(scores['self_influence'].to_numpy(), flipped, share):.1%}")
+    issues = pd.read_parquet(summary["files"]["issues.parquet"])
+    flagged_ids = set(issues.loc[issues["flagged"], "row_id"])
+    caught = len(flagged_ids & flipped_ids)
+    print(f"    flagged by the default policy ({len(flagged_ids)} rows): {caught} of the {len(flipped_ids)} "
+          f"flipped rows ({caught / max(1, len(flipped_ids)):.1%})")
     _print_summary(summary)
     top = scores.iloc[np.argsort(-scores["self_influence"].to_numpy(), kind="stable")[:5]]
     print("of these, flipped on purpose:", ", ".join(str(r) for r in top["row_id"] if r in flipped_ids) or "none")

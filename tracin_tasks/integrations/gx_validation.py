@@ -96,7 +96,7 @@ def validate_audit(
     rows["flagged"] = rows["flagged"].astype(np.int64)
     facts = pd.DataFrame({"checkpoints": [int(n_checkpoints)], "rows_expected": [len(expected_row_ids)]})
 
-    context = gx.get_context(mode="file", project_root_dir=os.path.join(output_dir, "gx"))
+    context = gx.get_context(mode="file", project_root_dir=output_dir)  # GX adds its own gx/ folder
     source = context.data_sources.add_or_update_pandas("tracin")
     assets = {a.name: a for a in source.assets}
     batches = {}
