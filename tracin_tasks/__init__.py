@@ -5,9 +5,22 @@ imported by this module.
 """
 
 from tracin_tasks import exceptions
-from tracin_tasks.core import Checkpoint, TopInfluence, TracIn
+from tracin_tasks.core import Checkpoint, CheckpointPass, TopInfluence, TracIn
+from tracin_tasks.core.flagging import FlagPolicy, find_label_issues
+from tracin_tasks.core.table import TrainingTable
 from tracin_tasks.exceptions import TracInError
 
 __version__ = "0.1.0"
 
-__all__ = ["Checkpoint", "TopInfluence", "TracIn", "TracInError", "exceptions", "__version__"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointPass",
+    "FlagPolicy",
+    "TopInfluence",
+    "TracIn",
+    "TracInError",
+    "TrainingTable",
+    "exceptions",
+    "find_label_issues",
+    "__version__",
+]
