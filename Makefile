@@ -29,7 +29,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH)" 2> >(grep -v 'is ignored' >&2)
-	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-pin.txt 2>/dev/null
 	$(PIP) install -c $(VENV)/torch-pin.txt -e ".[$(EXTRAS)]" 2> >(grep -v 'is ignored' >&2)
 	$(BIN)/python -c "import torch, tracin_tasks; print('installed tracin-tasks', tracin_tasks.__version__, 'with torch', torch.__version__)"
 	touch $@
