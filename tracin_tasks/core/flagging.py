@@ -35,6 +35,8 @@ class FlagPolicy:
             combination found the most flipped labels; see docs/benchmarks.md.
         top_k: flag at most the k highest-ranked rows (per class with ``per_class``).
         top_fraction: flag the highest-ranked fraction of rows (per class with ``per_class``).
+            The default, ``"auto"``, means 0.1 when no other criterion (top_k, threshold,
+            robust_z, budget) is given, and no fraction limit when one is.
         threshold: flag rows whose score is at least this.
         robust_z: flag rows whose robust z-score, (score − median) / (1.4826 · MAD), is at least this.
         per_class: rank and select within each class, so one hard class cannot take the budget.
@@ -43,18 +45,23 @@ class FlagPolicy:
 
     score: str = "auto"
     top_k: int | None = None
-    top_fraction: float | None = 0.1
+    top_fraction: float | str | None = "auto"
     threshold: float | None = None
     robust_z: float | None = None
     per_class: bool = False
     budget: int | None = None
 
     def __post_init__(self) -> None:
+        if self.top_fraction == "auto":
+            others = (self.top_k, self.threshold, self.robust_z, self.budget)
+            object.__setattr__(self, "top_fraction", 0.1 if all(o is None for o in others) else None)
         if self.score not in SCORES:
             raise ConfigurationError(f"FlagPolicy.score must be one of {SCORES}, got {self.score!r}.")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
             raise ConfigurationError(f"top_k must be a positive integer, got {self.top_k!r}.")
-        if self.top_fraction is not None and not (0 < float(self.top_fraction) <= 1):
+        if self.top_fraction is not None and (
+            isinstance(self.top_fraction, (str, bool)) or not (0 < float(self.top_fraction) <= 1)
+        ):
             raise ConfigurationError(
                 f"top_fraction must be in (0, 1], got {self.top_fraction!r}: it is the share of rows to flag."
             )
@@ -208,20 +215,32 @@ def find_label_issues(
     for idx in groups:
         keep, why = _select(score[idx], policy)
         flagged[idx[keep]] = True
-        text = " and ".join(why) + (f" of class {labels[idx[0]]}" if policy.per_class else "")
+        text = " and ".join(why) + (f" of class {labels[idx[0]]}" if policy.per_class and why else "")
         reason[idx[keep]] = text
     order = np.argsort(-score, kind="stable")
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(1, n + 1)
     if policy.budget is not None and flagged.sum() > policy.budget:
-        keep_ids = [i for i in order if flagged[i]][: policy.budget]
+        if policy.per_class:
+            # share the budget between classes: every class's best row, then every second best...
+            within = np.empty(n, dtype=np.int64)
+            for idx in groups:
+                within[idx[np.argsort(-score[idx], kind="stable")]] = np.arange(len(idx))
+            global_pos = np.empty(n, dtype=np.int64)
+            global_pos[order] = np.arange(n)
+            candidates = np.flatnonzero(flagged)
+            keep_ids = candidates[np.lexsort((global_pos[candidates], within[candidates]))][: policy.budget]
+        else:
+            keep_ids = [i for i in order if flagged[i]][: policy.budget]
         capped = np.zeros(n, dtype=bool)
         capped[keep_ids] = True
         reason[flagged & ~capped] = ""
         flagged = capped
     if policy.budget is not None:
         reason[flagged & (reason == "")] = f"top {policy.budget} (budget)"
-    percentile = 100.0 * (n - rank) / max(1, n - 1) if n > 1 else np.full(n, 100.0)
+    # share of the other rows whose score is strictly lower (ties share a percentile)
+    lower = np.searchsorted(np.sort(score), score, side="left")
+    percentile = 100.0 * lower / (n - 1) if n > 1 else np.full(n, 100.0)
 
     issues = pd.DataFrame(
         {

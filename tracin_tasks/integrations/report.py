@@ -28,7 +28,7 @@ table{border-collapse:collapse;margin:8px 0;font-size:.9em}th,td{border:1px soli
 th{background:#f6f8fa}.ok{color:#1a7f37;font-weight:600}.bad{color:#cf222e;font-weight:600}.muted{color:#57606a}
 .cards{display:flex;gap:12px;flex-wrap:wrap}.card{border:1px solid #d0d7de;border-radius:6px;padding:10px 14px;min-width:150px}
 .card b{display:block;font-size:1.5em}img.thumb{image-rendering:pixelated;width:48px;height:48px;border:1px solid #d0d7de}
-code{background:#f6f8fa;padding:1px 4px;border-radius:3px}
+code{background:#f6f8fa;padding:1px 4px;border-radius:3px}img{max-width:100%;height:auto}
 """
 
 
@@ -128,8 +128,7 @@ def render_report(inputs: ReportInputs, plots: dict[str, bytes] | None = None, t
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>Label audit of run {_e(run_id)}</title><style>{_CSS}</style></head><body>",
         f"<h1>Label audit of training run {_e(run_id)}</h1>",
-        f"<p class='muted'>{_e(info.get('run_name', ''))} · audited {_e(info.get('audited_at', ''))} · "
-        f"tracin-tasks {_e(info.get('version', ''))}</p>",
+        f"<p class='muted'>audited {_e(info.get('audited_at', ''))} with tracin-tasks {_e(info.get('version', ''))}</p>",
     ]
     v = inputs.validation
     gx_state = "no validation" if v is None else ("passed" if v["success"] else "FAILED")

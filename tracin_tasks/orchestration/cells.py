@@ -167,7 +167,7 @@ def report_audit(
     table = _cached_table(settings.run_id, settings.tracking_uri, plan.fingerprint)
     info = {
         "run_id": settings.run_id,
-        "tracking_uri": settings.tracking_uri,
+        "tracking_uri": redact_uri(settings.tracking_uri),
         "audit_key": plan.audit_key,
         "settings_hash": settings.config_hash(),
         "fingerprint": plan.fingerprint,
@@ -222,6 +222,19 @@ def report_audit(
     return {"files": files, "summary": summary, "validation": validation, "mlflow_run": mlflow_run,
             "data_docs": validation["data_docs"] if validation else None,
             "top_flagged": issues[issues["flagged"]].head(20).to_dict("records")}
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """A URI without its password (``https://user:secret@host`` → ``https://user:***@host``)."""
+    if not uri:
+        return uri
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _atomic_parquet(frame: pd.DataFrame, path: str) -> str:
