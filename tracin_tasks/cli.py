@@ -193,7 +193,7 @@ def run_audit(args: argparse.Namespace) -> dict[str, Any]:
             max_checkpoints=args.max_checkpoints, loss=args.loss, task_runner=args.task_runner,
             max_workers=args.max_workers, gpu=args.gpu, device=args.device, output_dir=output,
             results_uri=results_uri, model_factory=args.model_factory, allow_pickle=args.allow_pickle,
-            flag=_flag_policy(args), validate=not args.no_validate,
+            flag=_flag_policy(args), validate_results=not args.no_validate,
             on_validation_failure=args.on_validation_failure, log_to_mlflow=not args.no_mlflow_report,
         )
 

@@ -105,10 +105,10 @@ def _md(value: Any) -> str:
 
 
 @task(name="report-audit", cache_policy=NO_CACHE, task_run_name="flag, validate and report audit {audit_key}")
-def report_task(results_uri: str, audit_key: str, output_dir: str, flag: dict[str, Any] | None, validate: bool,
+def report_task(results_uri: str, audit_key: str, output_dir: str, flag: dict[str, Any] | None, validate_results: bool,
                 extra_expectations: list[dict[str, Any]] | None, log_to_mlflow: bool) -> dict[str, Any]:
     plan = _load_plan(results_uri, audit_key)
-    result = report_audit(plan, output_dir, flag, validate, extra_expectations, log_to_mlflow)
+    result = report_audit(plan, output_dir, flag, validate_results, extra_expectations, log_to_mlflow)
     summary, validation, run = result["summary"], result["validation"], result["mlflow_run"]
     gx_line = "not run" if validation is None else ("passed" if validation["success"] else "**FAILED**")
     lines = [
@@ -160,7 +160,7 @@ def audit_training_run(
     model_factory: str | None = None,
     allow_pickle: bool = False,
     flag: dict[str, Any] | None = None,
-    validate: bool = True,
+    validate_results: bool = True,
     on_validation_failure: str = "fail",
     extra_expectations: list[dict[str, Any]] | None = None,
     report: bool = True,
@@ -188,7 +188,7 @@ def audit_training_run(
         allow_pickle: allow checkpoint files that need unpickling (trusted runs only).
         flag: the flagging policy as a dict of :class:`tracin_tasks.core.flagging.FlagPolicy`
             fields, e.g. ``{"top_fraction": 0.05, "per_class": true, "budget": 500}``.
-        validate: run the Great Expectations suite over the result (Data Docs in ``output_dir/gx``).
+        validate_results: run the Great Expectations suite over the result (Data Docs in ``output_dir/gx``).
         on_validation_failure: ``"fail"`` (the flow run fails, after everything is written and
             logged) or ``"warn"`` (a warning; the flow completes).
         extra_expectations: more GX expectations over the per-row table,
@@ -226,7 +226,7 @@ def audit_training_run(
     )
     reported: dict[str, Any] = {}
     if report:
-        reported = report_task(results_uri, planned["audit_key"], output_dir, flag, validate, extra_expectations,
+        reported = report_task(results_uri, planned["audit_key"], output_dir, flag, validate_results, extra_expectations,
                                log_to_mlflow)
         s_ = reported["summary"]
         log.info("flagged %d of %d rows (%s); report: %s", s_["flagged"], s_["rows"], s_["policy"],
