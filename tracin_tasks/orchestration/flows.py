@@ -6,7 +6,6 @@ a deployment can schedule the flow; cells pass paths, never tensors.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -35,8 +34,9 @@ from tracin_tasks.orchestration.store import ResultsStore
 logger = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=8)
 def _load_plan(results_uri: str, audit_key: str) -> AuditPlan:
+    # read every time, never cached: a later audit with the same key (other shard or batch size)
+    # rewrites plan.json, and long-lived workers must not use the old one
     store = ResultsStore(results_uri)
     with store.fs.open(store._path(audit_key, "plan.json"), "rb") as fh:
         return AuditPlan.from_dict(json.loads(fh.read()))
