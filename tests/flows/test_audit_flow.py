@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +56,7 @@ def cli_audit(digits_run, support, tmp_path_factory):
     out = root / "audit-out"
     run = start_cli(["audit", "--run-id", digits_run.run_id, "--tracking-uri", digits_run.tracking_uri,
                      "--output", str(out), "--shard-size", "900", "--batch-size", "300", "--no-validate",
-                     "--no-mlflow-report"], env, root / "cwd")
+                     "--no-mlflow-report"], env, root / "cwd", root)
     run.update(out=out, prefect_home=Path(env["PREFECT_HOME"]), cwd=root / "cwd")
     yield run
     if run["proc"].poll() is None:
@@ -211,16 +210,18 @@ AUDIT_OPTIONS = ["--run-id", "--tracking-uri", "--output", "--results-uri", "--t
                  "--model-factory", "--allow-pickle"]
 
 
-def start_cli(args, env, cwd) -> dict:
-    proc = subprocess.Popen([sys.executable, "-m", "tracin_tasks.cli", *args], env=env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    return {"proc": proc, "started": time.monotonic()}
+def start_cli(args, env, cwd: Path, logs: Path) -> dict:
+    """The CLI in a subprocess, its output in files (a full pipe would stall it while nobody reads)."""
+    with open(logs / "cli.out", "wb") as out, open(logs / "cli.err", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "tracin_tasks.cli", *args], env=env, cwd=cwd,
+                                stdout=out, stderr=err)
+    return {"proc": proc, "logs": logs}
 
 
 def finish_cli(run, timeout) -> tuple[int, str, str]:
-    stdout, stderr = run["proc"].communicate(timeout=timeout)
-    run["seconds"] = time.monotonic() - run["started"]
-    return run["proc"].returncode, stdout, stderr
+    run["proc"].wait(timeout=timeout)
+    read = lambda name: (run["logs"] / name).read_text(errors="replace")  # noqa: E731
+    return run["proc"].returncode, read("cli.out"), read("cli.err")
 
 
 def test_cli_audit_in_a_fresh_prefect_home(cli_audit, digits_run, support):
@@ -260,7 +261,7 @@ def test_cli_help_names_every_option(capsys):
     assert "prefect server start" in text and "PREFECT_API_URL" in text
 
 
-def test_cli_refuses_dask_without_a_prefect_server(digits_run, capsys, monkeypatch, tmp_path):
+def test_cli_refuses_dask_without_a_prefect_server(digits_run, support, capsys, monkeypatch, tmp_path):
     """In this process (its Prefect settings cleared): the check runs before anything else does."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -268,7 +269,7 @@ def test_cli_refuses_dask_without_a_prefect_server(digits_run, capsys, monkeypat
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     for runner in ("dask", "tcp://127.0.0.1:1"):
-        with temporary_settings(updates={PREFECT_API_URL: None}):
+        with support.restored_environ(), temporary_settings(updates={PREFECT_API_URL: None}):
             code = main(["audit", "--run-id", digits_run.run_id, "--tracking-uri", digits_run.tracking_uri,
                          "--output", str(tmp_path / "out"), "--task-runner", runner])
         assert code != 0
@@ -277,12 +278,13 @@ def test_cli_refuses_dask_without_a_prefect_server(digits_run, capsys, monkeypat
     assert not (tmp_path / "out").exists(), "refused before doing anything"
 
 
-def test_cli_unknown_run_exits_2_naming_the_run(prefect_api, digits_run, capsys, tmp_path):
+def test_cli_unknown_run_exits_2_naming_the_run(prefect_api, digits_run, support, capsys, tmp_path):
     from tracin_tasks.cli import main
 
     missing = "0123456789abcdef0123456789abcdef"
-    code = main(["audit", "--run-id", missing, "--tracking-uri", digits_run.tracking_uri,
-                 "--output", str(tmp_path / "out")])
+    with support.restored_environ():
+        code = main(["audit", "--run-id", missing, "--tracking-uri", digits_run.tracking_uri,
+                     "--output", str(tmp_path / "out")])
     assert code == 2
     err = capsys.readouterr().err
     assert f"error: MLflow at {digits_run.tracking_uri} has no run {missing!r}" in err, err[-3000:]

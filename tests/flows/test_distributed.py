@@ -156,18 +156,15 @@ class VictimFinder:
         return None
 
 
-def cli(args, env, cwd):
-    return subprocess.Popen([sys.executable, "-m", "tracin_tasks.cli", *args], env=env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def cli(args, env, cwd: Path):
+    """The CLI in a subprocess, its output in files (a full pipe would stall it while nobody reads)."""
+    with open(cwd / "cli.out", "wb") as out, open(cwd / "cli.err", "wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "tracin_tasks.cli", *args], env=env, cwd=cwd,
+                                stdout=out, stderr=err)
 
 
-def finish(proc, timeout):
-    try:
-        return proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=30)
+def output(cwd: Path) -> tuple[str, str]:
+    return (cwd / "cli.out").read_text(errors="replace"), (cwd / "cli.err").read_text(errors="replace")
 
 
 def test_audit_survives_a_killed_worker(cluster, digits_run, support, capsys, monkeypatch):
@@ -181,7 +178,7 @@ def test_audit_survives_a_killed_worker(cluster, digits_run, support, capsys, mo
         # once a cell is stored, kill a worker in the middle of another one
         deadline = time.monotonic() + 300
         while not list(out.glob("cells/*/cells/*.npz")):
-            assert audit.poll() is None, f"the audit ended before any cell was stored:\n{audit.communicate()}"
+            assert audit.poll() is None, f"the audit ended before any cell was stored:\n{output(cluster['root'])}"
             assert time.monotonic() < deadline, "no cell stored within 300 s"
             time.sleep(0.1)
         finder = VictimFinder(cluster["scheduler"], cluster["api"], out)
@@ -196,10 +193,11 @@ def test_audit_survives_a_killed_worker(cluster, digits_run, support, capsys, mo
             finder.close()
         procs[name].wait(timeout=30)
         assert not cell_file(out, cell), "the worker was killed before its cell was stored"
-        stdout, stderr = finish(audit, timeout=420)
+        audit.wait(timeout=420)
     finally:
         if audit.poll() is None:
             support.stop_process(audit)
+    stdout, stderr = output(cluster["root"])
     assert audit.returncode == 0, f"stdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-6000:]}"
     assert f"{N_CELLS} cells computed, 0 reused" in stdout, stdout
     assert len(cell_file(out, cell)) == 1, "the killed cell was computed again elsewhere"
@@ -229,7 +227,7 @@ def test_audit_survives_a_killed_worker(cluster, digits_run, support, capsys, mo
     from tracin_tasks.cli import main
 
     monkeypatch.syspath_prepend(str(cluster["root"] / "models"))  # the slow model factory
-    with temporary_settings(updates={PREFECT_API_URL: cluster["api"]}):
+    with support.restored_environ(), temporary_settings(updates={PREFECT_API_URL: cluster["api"]}):
         assert main(args) == 0
     stdout = capsys.readouterr().out
     assert f"0 cells computed, {N_CELLS} reused" in stdout, stdout

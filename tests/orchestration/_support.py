@@ -134,6 +134,17 @@ def _train_once() -> DigitsRun:
 
 
 @contextlib.contextmanager
+def restored_environ():
+    """Put os.environ back afterwards (the CLI's main sets defaults in it when called in-process)."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
 def one_torch_thread():
     """Tiny models on 2 shared cores: one intra-op thread is several times faster than two."""
     import torch

@@ -67,7 +67,7 @@ def test_missing_lists_cells_without_a_stored_result(store, plan):
     assert store.missing(plan) == list(plan.cells[1::2])
     # a leftover temporary file of a crashed write, or a stranger's file, is not a finished cell
     folder = os.path.join(store.root, plan.audit_key, "cells")
-    open(os.path.join(folder, f".tmp-0123-{plan.cells[1].name}.npz"), "wb").close()
+    open(os.path.join(folder, f".{plan.cells[1].name}.npz.0123.tmp"), "wb").close()
     open(os.path.join(folder, f"{plan.cells[3].name}.npz.part"), "wb").close()
     assert store.missing(plan) == list(plan.cells[1::2])
     assert not store.has(plan.audit_key, plan.cells[1])
@@ -140,7 +140,7 @@ def test_a_crash_outside_oserror_still_leaves_no_finished_cell(store, plan, monk
         store.write_cell(plan.audit_key, cell, arrays_for(cell))
     monkeypatch.undo()
     assert f"{cell.name}.npz" not in cell_files(store, plan)
-    assert all(name.startswith(".tmp-") for name in cell_files(store, plan))
+    assert all(name.startswith(".") and name.endswith(".tmp") for name in cell_files(store, plan))
     assert not store.has(plan.audit_key, cell) and cell in store.missing(plan)
 
 

@@ -107,7 +107,8 @@ class ResultsStore:
     def _write_bytes(self, path: str, payload: bytes) -> None:
         """Write to a temporary name next to ``path``, then rename into place."""
         folder = posixpath.dirname(path)
-        tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+        # the temporary name does not end in .npz/.json, so nothing mistakes it for a finished file
+        tmp = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
             self.fs.makedirs(folder, exist_ok=True)
             with self.fs.open(tmp, "wb") as fh:
