@@ -100,6 +100,30 @@ class TrackingServerUnavailableError(TracInError, ConnectionError):
     """The tracking server did not answer after bounded retries."""
 
 
+class RelabelError(TracInError):
+    """Root of the relabel-queue errors."""
+
+
+class SinkUnavailableError(RelabelError, ConnectionError):
+    """A relabel sink (database, Label Studio, folder) cannot be reached or written right now."""
+
+
+class QueueSchemaError(RelabelError, RuntimeError):
+    """A queue table exists with a schema version or layout this version cannot use safely."""
+
+
+class UnknownRowIdsError(DataError):
+    """Corrections name row ids that the training data does not have."""
+
+    def __init__(self, message: str, row_ids: list[str] | None = None):
+        super().__init__(message)
+        self.row_ids = list(row_ids or [])
+
+
+class InvalidTransitionError(RelabelError, ValueError):
+    """A queue row cannot move to the requested status (e.g. deciding a row nobody claimed)."""
+
+
 def require_extra(module: str, extra: str):
     """Import an optional dependency, or raise :class:`MissingExtraError` naming the extra."""
     import importlib
@@ -133,5 +157,10 @@ __all__ = [
     "ModelFactoryError",
     "TrainingDataError",
     "TrackingServerUnavailableError",
+    "RelabelError",
+    "SinkUnavailableError",
+    "QueueSchemaError",
+    "UnknownRowIdsError",
+    "InvalidTransitionError",
     "require_extra",
 ]
