@@ -124,6 +124,14 @@ class InvalidTransitionError(RelabelError, ValueError):
     """A queue row cannot move to the requested status (e.g. deciding a row nobody claimed)."""
 
 
+class LearningRateError(CheckpointError):
+    """A checkpoint's learning rate is missing, not finite, or negative, so it cannot weight the checkpoint."""
+
+
+class OutputWriteError(TracInError, OSError):
+    """An audit's output (scores, issues, report) cannot be written where it was asked to go."""
+
+
 def require_extra(module: str, extra: str):
     """Import an optional dependency, or raise :class:`MissingExtraError` naming the extra."""
     import importlib
@@ -162,5 +170,7 @@ __all__ = [
     "QueueSchemaError",
     "UnknownRowIdsError",
     "InvalidTransitionError",
+    "LearningRateError",
+    "OutputWriteError",
     "require_extra",
 ]

@@ -82,10 +82,17 @@ class TrainingTable:
                 "Give every row a distinct id before logging the data."
             )
         labels = df[self.label_column]
+        if labels.isna().any():
+            raise TrainingDataError(
+                f"Label column {self.label_column!r} has missing values, row ids "
+                f"{ids[labels.isna()].iloc[:10].tolist()}; every row needs a class label. Label or drop "
+                "those rows before logging the data."
+            )
         if not pd.api.types.is_integer_dtype(labels.dtype):
             raise TrainingDataError(
-                f"Label column {self.label_column!r} has dtype {labels.dtype}; class labels must be "
-                "integers 0..n_classes-1. Encode them (e.g. pd.factorize) before logging."
+                f"Label column {self.label_column!r} has dtype {labels.dtype} (values like "
+                f"{labels.drop_duplicates().iloc[:5].tolist()}); class labels must be integers "
+                "0..n_classes-1. Encode them (e.g. pd.factorize) before logging."
             )
         non_numeric = [c for c in self.feature_columns if not pd.api.types.is_numeric_dtype(df[c].dtype)]
         if non_numeric:

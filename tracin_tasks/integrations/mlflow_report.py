@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
@@ -24,6 +25,9 @@ def ui_url(tracking_uri: str | None, experiment_id: str, run_id: str, artifact: 
     """The MLflow UI page of a run (or of one of its artifacts), when the tracking URI is a server."""
     if not tracking_uri or not tracking_uri.startswith(("http://", "https://")):
         return None
+    parts = urlsplit(tracking_uri)
+    if "@" in parts.netloc:  # a link is shown, logged and stored: never with the tracking credentials
+        tracking_uri = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
     url = f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"{url}/artifacts/{artifact}" if artifact else url
 

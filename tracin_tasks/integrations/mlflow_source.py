@@ -16,21 +16,27 @@ and loaded with ``torch.load(weights_only=True)`` unless the user opts in to pic
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import dataclasses
 import hashlib
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import pandas as pd
 import torch
@@ -41,6 +47,7 @@ from tracin_tasks.core.table import TrainingTable
 from tracin_tasks.exceptions import (
     CheckpointError,
     ConfigurationError,
+    LearningRateError,
     ModelFactoryError,
     NoCheckpointsError,
     RunNotFoundError,
@@ -76,7 +83,8 @@ class CheckpointRef:
     Attributes:
         step: training step or epoch.
         learning_rate: the learning rate in force at that step.
-        lr_source: ``"metric"``, ``"metadata"`` or ``"default"`` (1.0, with a warning).
+        lr_source: ``"metric"``, ``"metadata"``, ``"default"`` (the source's
+            ``default_learning_rate``, with a warning) or ``"missing"`` (before that check).
         kind: ``"artifact"`` (a run artifact file) or ``"logged_model"``.
         location: the artifact path inside the run, or the LoggedModel id.
     """
@@ -99,6 +107,57 @@ def safe_relpath(path: str) -> str:
     if p.is_absolute() or any(part in ("..", "") for part in p.parts) or not p.parts:
         raise CheckpointError(f"Refusing artifact path {path!r}: it must be a relative path without '..'.")
     return str(p)
+
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,255}$")
+
+
+def _safe_id(value: str, what: str) -> str:
+    """Run and model ids become folder names in the cache: refuse anything but a plain name."""
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ConfigurationError(
+            f"{what} {value!r} is not an MLflow id (letters, digits, '_' and '-' only); check the value."
+        )
+    return value
+
+
+def display_uri(uri: str | None) -> str | None:
+    """A tracking URI fit for messages and logs: any password replaced by ``***``."""
+    if not uri:
+        return uri
+    try:
+        parts = urlsplit(uri)
+        password = parts.password
+    except ValueError:
+        return uri
+    if password is None:
+        return uri
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{netloc}"))
+
+
+def _split_credentials(uri: str) -> tuple[str, str | None]:
+    """``http://user:pw@host`` → (``http://host``, a Basic ``Authorization`` value or None)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, None
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user, password = unquote(parts.username or ""), unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urlunsplit(parts._replace(netloc=netloc)), f"Basic {token}"
+
+
+def _env_number(name: str, default: float, kind: type) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name}={raw!r} is not a number.") from None
+    if value < 0:
+        raise ConfigurationError(f"{name}={raw!r} must not be negative.")
+    return value
 
 
 def _step_of(path: str) -> int | None:
@@ -128,8 +187,14 @@ class MlflowCheckpointSource:
         model_factory: ``"module:function"`` to build the model, overriding what the run recorded.
         model_kwargs: arguments for ``model_factory``.
         allow_pickle: allow checkpoint files that need unpickling (only for runs you trust).
-        retries: attempts for each call to the tracking server before giving up.
-        backoff: first wait between attempts, in seconds; doubles each time.
+        default_learning_rate: the learning rate of checkpoints the run logged none for (no
+            ``lr_metric`` at their step, none in their metadata). ``None`` (the default) refuses
+            such checkpoints with :class:`LearningRateError`; ``1.0`` weights them all equally.
+        retries: attempts for each call to the tracking server before giving up (default
+            ``$TRACIN_TASKS_MLFLOW_RETRIES`` or 3).
+        backoff: first wait between attempts, in seconds; doubles each time, at most
+            ``$TRACIN_TASKS_MLFLOW_BACKOFF_MAX`` (default 30) (default ``$TRACIN_TASKS_MLFLOW_BACKOFF``
+            or 0.5). The retry window covers a tracking server restart when these are raised.
 
     Example:
         >>> source = MlflowCheckpointSource(run_id, tracking_uri="http://127.0.0.1:5000")
@@ -150,13 +215,15 @@ class MlflowCheckpointSource:
         model_factory: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         allow_pickle: bool = False,
-        retries: int = 3,
-        backoff: float = 0.5,
+        default_learning_rate: float | None = None,
+        retries: int | None = None,
+        backoff: float | None = None,
     ):
         if not isinstance(run_id, str) or not run_id.strip():
             raise ConfigurationError(f"run_id must be a non-empty string, got {run_id!r}.")
-        self.run_id = run_id.strip()
+        self.run_id = _safe_id(run_id.strip(), "run_id")
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.display_uri = display_uri(self.tracking_uri)  # never the password: for messages and logs
         self.steps = self._parse_steps(steps)
         if max_checkpoints is not None and (not isinstance(max_checkpoints, int) or max_checkpoints < 1):
             raise ConfigurationError(f"max_checkpoints must be a positive integer, got {max_checkpoints!r}.")
@@ -167,8 +234,21 @@ class MlflowCheckpointSource:
         self.model_factory = model_factory
         self.model_kwargs = dict(model_kwargs or {})
         self.allow_pickle = bool(allow_pickle)
+        if default_learning_rate is not None and (
+            isinstance(default_learning_rate, bool) or not isinstance(default_learning_rate, (int, float))
+            or not _usable_lr(float(default_learning_rate))
+        ):
+            raise ConfigurationError(
+                f"default_learning_rate must be a finite number >= 0 or None, got {default_learning_rate!r}."
+            )
+        self.default_learning_rate = None if default_learning_rate is None else float(default_learning_rate)
+        if retries is None:
+            retries = int(_env_number("TRACIN_TASKS_MLFLOW_RETRIES", 3, int))
+        if backoff is None:
+            backoff = _env_number("TRACIN_TASKS_MLFLOW_BACKOFF", 0.5, float)
         self.retries = max(1, int(retries))
         self.backoff = float(backoff)
+        self.max_backoff = _env_number("TRACIN_TASKS_MLFLOW_BACKOFF_MAX", 30.0, float)
         self.warnings: list[str] = []
         self._client = None
         self._run = None
@@ -203,7 +283,7 @@ class MlflowCheckpointSource:
                 code = getattr(exc, "error_code", "")
                 if what == "get_run" and code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                     raise RunNotFoundError(
-                        f"MLflow at {self.tracking_uri} has no run {self.run_id!r} ({what}). Check the run "
+                        f"MLflow at {self.display_uri} has no run {self.run_id!r} ({what}). Check the run "
                         "id and that --tracking-uri points at the server the run was logged to."
                     ) from exc
                 if not _is_connection_problem(exc):
@@ -214,13 +294,27 @@ class MlflowCheckpointSource:
             except (OSError, ConnectionError) as exc:  # requests' errors derive from OSError
                 last = exc
             if attempt < self.retries:
-                logger.warning("MLflow at %s did not answer (%s); retrying in %.1fs", self.tracking_uri, what, delay)
+                logger.warning("MLflow at %s did not answer (%s); retrying in %.1fs", self.display_uri, what, delay)
                 time.sleep(delay)
-                delay *= 2
-        raise TrackingServerUnavailableError(
-            f"The MLflow tracking server at {self.tracking_uri} did not answer after {self.retries} "
-            f"attempts ({what}): {last}. Check that it is running and reachable from this machine."
-        ) from last
+                delay = min(delay * 2, self.max_backoff)
+        error = TrackingServerUnavailableError(
+            f"The MLflow tracking server at {self.display_uri} did not answer after {self.retries} "
+            f"attempts ({what}): {self._scrub(str(last))}. Check that it is running and reachable from this "
+            "machine (retries: TRACIN_TASKS_MLFLOW_RETRIES / TRACIN_TASKS_MLFLOW_BACKOFF)."
+        )
+        # MLflow's own errors quote the request URL, password included: keep such a cause out of tracebacks
+        raise error from (None if self.display_uri != self.tracking_uri else last)
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without the tracking URI's password, should a library have quoted it."""
+        try:
+            password = urlsplit(self.tracking_uri).password
+        except ValueError:
+            password = None
+        if password:
+            for form in {password, unquote(password)}:
+                text = text.replace(form, "***")
+        return text
 
     @property
     def client(self):
@@ -238,11 +332,13 @@ class MlflowCheckpointSource:
     def _probe_server(self) -> None:
         if not self.tracking_uri.startswith(("http://", "https://")):
             return
-        url = self.tracking_uri.rstrip("/") + "/health"
+        # urllib takes user:password@ for part of the host name: send them as a header instead
+        base, auth = _split_credentials(self.tracking_uri)
+        request = urllib.request.Request(base.rstrip("/") + "/health", headers={"Authorization": auth} if auth else {})
 
         def probe() -> None:
             try:
-                with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - user-chosen URI
+                with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310 - user-chosen URI
                     resp.read()
             except urllib.error.HTTPError:
                 return  # it answered; the API calls will say what is wrong
@@ -264,7 +360,7 @@ class MlflowCheckpointSource:
                     f"{where} and no LoggedModels linked to it by step. Log them during training with "
                     "tracin_tasks.mlflow.log_checkpoint(model, step=..., learning_rate=...)."
                 )
-            self._refs = self._select(sorted(found, key=lambda r: r.step))
+            self._refs = self._checked_learning_rates(self._select(sorted(found, key=lambda r: r.step)))
         return list(self._refs)
 
     def _select(self, refs: list[CheckpointRef]) -> list[CheckpointRef]:
@@ -306,17 +402,64 @@ class MlflowCheckpointSource:
         return {int(m.step): float(m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))}
 
     def _learning_rate(self, step: int, history: dict[int, float], meta: dict[str, Any]) -> tuple[float, str]:
+        """The learning rate recorded for ``step``: NaN with source ``"missing"`` when there is none
+        (checked, with every other checkpoint's, by :meth:`_checked_learning_rates`)."""
         if step in history:
             return history[step], "metric"
         if "learning_rate" in meta:
-            return float(meta["learning_rate"]), "metadata"
+            try:
+                return float(meta["learning_rate"]), "metadata"
+            except (TypeError, ValueError):
+                return math.nan, "metadata"
+        return math.nan, "missing"
+
+    def _checked_learning_rates(self, refs: list[CheckpointRef]) -> list[CheckpointRef]:
+        """Refuse checkpoints whose learning rate is not usable; apply ``default_learning_rate``."""
+        bad = [r for r in refs if r.lr_source != "missing" and not _usable_lr(r.learning_rate)]
+        if bad:
+            listed = ", ".join(
+                f"step {r.step}: {_lr_text(r.learning_rate)} (from {self._lr_origin(r)})" for r in bad[:10]
+            )
+            raise LearningRateError(
+                f"Run {self.run_id} has checkpoints whose learning rate is not a finite number >= 0 "
+                f"({listed}{' ...' if len(bad) > 10 else ''}). TracIn weights each checkpoint by the learning "
+                "rate in force at its step, so the audit cannot use them. Log the right value at each of those "
+                f"steps: MlflowClient().log_metric({self.run_id!r}, {self.lr_metric!r}, <lr>, step=<step>) "
+                "(the latest value logged at a step wins), or leave those steps out with steps=[...]."
+            )
+        missing = [r for r in refs if r.lr_source == "missing"]
+        if not missing:
+            return refs
+        steps = [r.step for r in missing]
+        shown = f"{steps[:20]}{' ...' if len(steps) > 20 else ''}"
+        if self.default_learning_rate is None:
+            raise LearningRateError(
+                f"Run {self.run_id} has no learning rate for the checkpoints at steps {shown} (no "
+                f"{self.lr_metric!r} metric at those steps and none in their metadata), and TracIn weights "
+                "each checkpoint by the learning rate in force there. Log it at each step: "
+                f"MlflowClient().log_metric({self.run_id!r}, {self.lr_metric!r}, <lr>, step=<step>) "
+                "(tracin_tasks.mlflow.log_checkpoint(model, step=..., learning_rate=...) does this while "
+                "training); or pass lr_metric= if the run logged it under another name; or pass "
+                "default_learning_rate=1.0 to weight every checkpoint equally."
+            )
         msg = (
-            f"No learning rate for the checkpoint at step {step} (no '{self.lr_metric}' metric at that "
-            "step and none in its metadata); using 1.0, so checkpoints are weighted equally."
+            f"No learning rate for the checkpoints at steps {shown} (no '{self.lr_metric}' metric at those "
+            f"steps and none in their metadata); using default_learning_rate={self.default_learning_rate:g}"
+            + (", so checkpoints are weighted equally." if len(missing) == len(refs) else
+               " for them, beside the logged rates of the other checkpoints.")
         )
         self.warnings.append(msg)
         logger.warning(msg)
-        return 1.0, "default"
+        return [
+            dataclasses.replace(r, learning_rate=self.default_learning_rate, lr_source="default")
+            if r.lr_source == "missing" else r
+            for r in refs
+        ]
+
+    def _lr_origin(self, ref: CheckpointRef) -> str:
+        if ref.lr_source == "metric":
+            return f"the {self.lr_metric!r} metric"
+        return "its meta.json"
 
     def _artifact_checkpoints(self) -> list[CheckpointRef]:
         files = self._walk(self.artifact_path)
@@ -351,11 +494,13 @@ class MlflowCheckpointSource:
         if not folder.startswith(f"{CHECKPOINT_ROOT}/step_"):
             return {}
         try:
-            local = self._download(f"{folder}/meta.json")
+            meta = self._read_json(f"{folder}/meta.json")
         except CheckpointError:
             return {}
-        with open(local) as fh:
-            return json.load(fh)
+        except ValueError:
+            logger.warning("ignoring %s/meta.json of run %s: not JSON", folder, self.run_id)
+            return {}
+        return meta if isinstance(meta, dict) else {}
 
     def _logged_model_checkpoints(self, run) -> list[CheckpointRef]:
         outputs = getattr(run, "outputs", None)
@@ -388,36 +533,69 @@ class MlflowCheckpointSource:
         return [self.fetch(r) for r in self.checkpoint_refs()]
 
     def _cache_path(self, *parts: str) -> str:
-        server = hashlib.sha256(self.tracking_uri.encode()).hexdigest()[:12]
+        # keyed by the URI without its password: no secret-derived folder names, same cache after a rotation
+        server = hashlib.sha256(self.display_uri.encode()).hexdigest()[:12]
         return os.path.join(self.cache_dir, "mlflow", server, self.run_id, *parts)
 
-    def _download(self, artifact_path: str, model_id: str | None = None) -> str:
-        """Download one artifact file into the cache, atomically, unless it is already there."""
+    def _read_json(self, artifact_path: str) -> Any:
+        """Download a small JSON artifact afresh (never from the cache: a run's specs may be
+        re-logged to fix them) and parse it; ValueError when it is not JSON."""
+        with self._fresh_download(artifact_path) as local:
+            with open(local, encoding="utf-8") as fh:
+                return json.load(fh)
+
+    @contextlib.contextmanager
+    def _fresh_download(self, artifact_path: str) -> Iterator[str]:
+        """Download one artifact file of the run to a private temporary folder, removed afterwards."""
         rel = safe_relpath(artifact_path)
-        final = self._cache_path(*(["models", model_id] if model_id else []), *rel.split("/"))
+        os.makedirs(self._cache_path(), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".fresh-", dir=self._cache_path())
+        try:
+            yield self._download_into(rel, tmp, None)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _download(self, artifact_path: str, model_id: str | None = None, version: str | None = None) -> str:
+        """Download one artifact file into the cache, atomically, unless it is already there.
+
+        ``version`` (the training data's recorded fingerprint) becomes part of the cached name,
+        so data re-logged under the same artifact path with other content is fetched again.
+        """
+        rel = safe_relpath(artifact_path)
+        if model_id is not None:
+            _safe_id(model_id, "LoggedModel id")
+        if version is not None and not re.fullmatch(r"[0-9a-f]{8,64}", version):
+            raise ConfigurationError(f"version {version!r} must be a hex digest.")
+        prefix = (["models", model_id] if model_id else []) + ([f"@{version}"] if version else [])
+        final = self._cache_path(*prefix, *rel.split("/"))
         if os.path.isfile(final):
             return final
         os.makedirs(os.path.dirname(final), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".download-", dir=os.path.dirname(final))
         try:
-            if model_id:
-                location = self._call("get_logged_model", lambda: self.client.get_logged_model(model_id))
-                uri = location.artifact_location.rstrip("/") + "/" + rel
-                fetch = lambda: mlflow.artifacts.download_artifacts(  # noqa: E731
-                    artifact_uri=uri, dst_path=tmp, tracking_uri=self.tracking_uri
-                )
-            else:
-                fetch = lambda: self.client.download_artifacts(self.run_id, rel, tmp)  # noqa: E731
-            try:
-                local = self._call(f"download {rel}", fetch)
-            except (MlflowException, FileNotFoundError) as exc:
-                raise CheckpointError(f"Could not download {rel!r} from run {self.run_id}: {exc}") from exc
-            if not os.path.isfile(local):
-                raise CheckpointError(f"Artifact {rel!r} of run {self.run_id} is not a file.")
+            local = self._download_into(rel, tmp, model_id)
             os.replace(local, final)  # appears complete or not at all
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
+
+    def _download_into(self, rel: str, tmp: str, model_id: str | None) -> str:
+        """Download ``rel`` (of the run, or of a LoggedModel) into the folder ``tmp``; its local path."""
+        if model_id:
+            location = self._call("get_logged_model", lambda: self.client.get_logged_model(model_id))
+            uri = location.artifact_location.rstrip("/") + "/" + rel
+            fetch = lambda: mlflow.artifacts.download_artifacts(  # noqa: E731
+                artifact_uri=uri, dst_path=tmp, tracking_uri=self.tracking_uri
+            )
+        else:
+            fetch = lambda: self.client.download_artifacts(self.run_id, rel, tmp)  # noqa: E731
+        try:
+            local = self._call(f"download {rel}", fetch)
+        except (MlflowException, FileNotFoundError) as exc:
+            raise CheckpointError(f"Could not download {rel!r} from run {self.run_id}: {exc}") from exc
+        if not os.path.isfile(local):
+            raise CheckpointError(f"Artifact {rel!r} of run {self.run_id} is not a file.")
+        return local
 
     def _load_weights(self, local: str) -> dict[str, torch.Tensor]:
         try:
@@ -476,15 +654,22 @@ class MlflowCheckpointSource:
             return self.model_factory, dict(self.model_kwargs)
         self.run()
         try:
-            local = self._download(FACTORY_SPEC)
+            spec = self._read_json(FACTORY_SPEC)
         except CheckpointError:
             raise ModelFactoryError(
                 f"Run {self.run_id} does not say how to build its model (no {FACTORY_SPEC}). Log it "
                 "with tracin_tasks.mlflow.log_model_factory('pkg.module:function', ...), or pass "
                 "model_factory='pkg.module:function'."
             ) from None
-        with open(local) as fh:
-            spec = json.load(fh)
+        except ValueError as exc:
+            spec = exc
+        if (not isinstance(spec, dict) or not isinstance(spec.get("factory"), str)
+                or not isinstance(spec.get("kwargs", {}), dict)):
+            raise ModelFactoryError(
+                f"{FACTORY_SPEC} of run {self.run_id} is not a JSON object with a 'factory' string and "
+                "'kwargs'. Re-log it with tracin_tasks.mlflow.log_model_factory('pkg.module:function', ...), "
+                "or pass model_factory='pkg.module:function'."
+            )
         return spec["factory"], {**spec.get("kwargs", {}), **self.model_kwargs}
 
     def build_model(self) -> nn.Module:
@@ -497,23 +682,37 @@ class MlflowCheckpointSource:
         """The run's training data, validated."""
         self.run()
         try:
-            with open(self._download(DATA_SPEC)) as fh:
-                spec = json.load(fh)
+            spec = self._read_json(DATA_SPEC)
         except CheckpointError:
             spec = self._spec_from_dataset_input()
-        try:
-            local = self._download(spec["artifact_path"])
-        except CheckpointError as exc:
+        except ValueError as exc:
+            spec = exc
+        if not isinstance(spec, dict) or not isinstance(spec.get("artifact_path"), str):
             raise TrainingDataError(
-                f"The training data of run {self.run_id} ({spec['artifact_path']}) cannot be downloaded: "
-                f"{exc}. Log it with tracin_tasks.mlflow.log_training_data(df, ...)."
-            ) from exc
+                f"{DATA_SPEC} of run {self.run_id} is not a JSON object naming the data file "
+                "('artifact_path'). Re-log the data with tracin_tasks.mlflow.log_training_data(df, ...)."
+            )
+        # the recorded fingerprint versions the cached copy: data re-logged to fix it is fetched again;
+        # without one, the file is read afresh every time
+        version = spec.get("fingerprint")
+        version = version if isinstance(version, str) and re.fullmatch(r"[0-9a-f]{8,64}", version) else None
         try:
-            frame = pd.read_parquet(local)
+            with contextlib.ExitStack() as stack:
+                try:
+                    local = (self._download(spec["artifact_path"], version=version) if version
+                             else stack.enter_context(self._fresh_download(spec["artifact_path"])))
+                except CheckpointError as exc:
+                    raise TrainingDataError(
+                        f"The training data of run {self.run_id} ({spec['artifact_path']}) cannot be "
+                        f"downloaded: {exc}. Log it with tracin_tasks.mlflow.log_training_data(df, ...)."
+                    ) from exc
+                frame = pd.read_parquet(local)
+        except TrainingDataError:
+            raise
         except Exception as exc:
             raise TrainingDataError(
                 f"The training data of run {self.run_id} ({spec['artifact_path']}) is not a readable "
-                f"parquet file: {exc}."
+                f"parquet file: {exc}. Re-log it with tracin_tasks.mlflow.log_training_data(df, ...)."
             ) from exc
         return TrainingTable.from_frame(
             frame,
@@ -567,6 +766,17 @@ def build_from_factory(factory: str, kwargs: dict[str, Any]) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ModelFactoryError(f"The model factory {factory!r} returned a {type(model).__name__}, not an nn.Module.")
     return model
+
+
+def _usable_lr(lr: float) -> bool:
+    """Finite and >= 0; MLflow stores an infinite metric as ±sys.float_info.max, so that is out too."""
+    return math.isfinite(lr) and 0 <= lr < sys.float_info.max
+
+
+def _lr_text(lr: float) -> str:
+    if math.isfinite(lr) and abs(lr) >= sys.float_info.max:
+        return f"{lr:g}, which is how MLflow stores {'-' if lr < 0 else ''}inf"
+    return f"{lr:g}"
 
 
 def _is_connection_problem(exc: Exception) -> bool:

@@ -28,6 +28,7 @@ from tracin_tasks.core.flagging import FlagPolicy
 from tracin_tasks.exceptions import ConfigurationError
 from tracin_tasks.integrations.gx_validation import ValidationFailedError
 from tracin_tasks.orchestration.plan import AuditPlan, AuditSettings, Cell
+from tracin_tasks.orchestration.relabel import check_sinks
 from tracin_tasks.orchestration.runners import check_api_for, make_task_runner, parse_task_runner, placement
 from tracin_tasks.orchestration.store import ResultsStore
 
@@ -141,6 +142,29 @@ def report_task(results_uri: str, audit_key: str, output_dir: str, flag: dict[st
     return {k: result[k] for k in ("files", "summary", "validation", "mlflow_run", "data_docs")}
 
 
+@task(name="relabel-flagged", cache_policy=NO_CACHE, task_run_name="send flagged rows of audit {audit_key}")
+def relabel_task(results_uri: str, audit_key: str, output_dir: str, sinks: list[str], outbox_dir: str,
+                 audit_run_id: str | None, rows: int) -> list[dict[str, Any]]:
+    """Deliver the flagged rows to every sink (outbox when one is down) and emit ``tracin.audit.flagged``."""
+    from tracin_tasks.orchestration.relabel import batch_for_audit, emit_audit_flagged, push_flagged
+
+    log = get_run_logger()
+    plan = _load_plan(results_uri, audit_key)
+    batch = batch_for_audit(plan, output_dir, audit_run_id, with_features=bool(sinks))
+    outcomes = push_flagged(batch, sinks, outbox_dir) if sinks else []
+    for o in outcomes:
+        if o["status"] == "delivered":
+            d = o["delivery"]
+            log.info("%s: %d new, %d refreshed, %d kept as reviewers left them; %d waiting batches replayed",
+                     o["sink"], d["delivered"], d["updated"], d["unchanged"], len(o["replayed"]))
+        else:
+            log.warning("%s is unavailable (%s); %d flagged rows wait in the outbox %s and go out on the next run",
+                        o["sink"], o["error"], len(batch.rows), o["outbox_path"])
+    emit_audit_flagged(batch, rows=rows, output_dir=output_dir, results_uri=results_uri,
+                       tracking_uri=plan.settings.tracking_uri, outcomes=outcomes)
+    return outcomes
+
+
 @flow(name="audit-training-run")
 def audit_training_run(
     run_id: str,
@@ -165,6 +189,8 @@ def audit_training_run(
     extra_expectations: list[dict[str, Any]] | None = None,
     report: bool = True,
     log_to_mlflow: bool = True,
+    relabel: list[str] | None = None,
+    outbox_dir: str | None = None,
 ) -> dict[str, Any]:
     """Audit one MLflow training run: score every row, flag the suspicious ones, validate, report.
 
@@ -195,6 +221,11 @@ def audit_training_run(
             ``[{"type": "expect_...", "kwargs": {...}}]``.
         report: flag, validate and write ``report.html``; False stops after ``scores.parquet``.
         log_to_mlflow: log the report, tables, plots and metrics as a child run of the audited run.
+        relabel: relabel sinks to send the flagged rows to, as URIs: ``sqlite:///queue.db``,
+            ``postgresql+psycopg://…``, ``labelstudio://host:port?project=…``, ``file:///folder``.
+            Delivery is idempotent; a sink that is down keeps the rows in the outbox. The flow
+            emits ``tracin.audit.flagged`` either way.
+        outbox_dir: where rows for an unreachable sink wait (default ``<output_dir>/outbox``).
 
     Returns:
         A summary: audit key, cell counts, paths of the outputs.
@@ -210,7 +241,9 @@ def audit_training_run(
     if on_validation_failure not in ("fail", "warn"):
         raise ConfigurationError(f"on_validation_failure must be 'fail' or 'warn', got {on_validation_failure!r}.")
     FlagPolicy.from_dict(flag)  # a policy that cannot be satisfied fails before any work
+    sinks = check_sinks(relabel)
     output_dir = os.path.abspath(output_dir or os.path.join("tracin-audit", run_id))
+    outbox_dir = os.path.abspath(outbox_dir or os.path.join(output_dir, "outbox"))
     results_uri = results_uri or os.path.join(output_dir, "cells")
     planned = plan_audit_task(settings.to_dict(), results_uri)
     for warning in planned["warnings"]:
@@ -237,8 +270,12 @@ def audit_training_run(
             message = (f"Great Expectations validation of the audit of run {run_id} failed: {', '.join(failed)}. "
                        f"See {reported['files']['report.html']} and the Data Docs at {reported['data_docs']}.")
             if on_validation_failure == "fail":
+                # nothing goes to the relabel sinks from an audit whose result did not validate
                 raise ValidationFailedError(message)
             log.warning(message)
+        audit_run = reported["mlflow_run"]["run_id"] if reported.get("mlflow_run") else None
+        reported["relabel"] = relabel_task(results_uri, planned["audit_key"], output_dir, sinks, outbox_dir, audit_run,
+                                           s_["rows"])
     return {
         **{k: v for k, v in reported.items() if k != "summary"},
         "flagged": reported["summary"]["flagged"] if reported else None,
@@ -289,11 +326,14 @@ def audit_latest_run(
     gpu: bool = False,
     output_root: str = "tracin-audit",
     results_uri: str | None = None,
+    relabel: list[str] | None = None,
 ) -> dict[str, Any]:
     """Audit the latest finished run of an experiment (for a nightly schedule).
 
     Each audited run gets ``<output_root>/<run_id>``; re-auditing a run that was already audited
-    with the same settings reuses every stored cell.
+    with the same settings reuses every stored cell. Flagged rows go to the ``relabel`` sinks;
+    rows for a sink that is down wait in ``<output_root>/outbox``, shared by every nightly run, so
+    the next night delivers them.
     """
     run_id = find_latest_auditable_run(experiment_name, tracking_uri)
     get_run_logger().info("latest finished run of %r is %s", experiment_name, run_id)
@@ -301,4 +341,48 @@ def audit_latest_run(
         run_id=run_id, tracking_uri=tracking_uri, layers=layers, max_checkpoints=max_checkpoints,
         task_runner=task_runner, max_workers=max_workers, gpu=gpu,
         output_dir=os.path.join(output_root, run_id), results_uri=results_uri,
+        relabel=relabel, outbox_dir=os.path.join(output_root, "outbox"),
     )
+
+
+@flow(name="relabel-flagged")
+def relabel_flagged(run_id: str, audit_key: str, output_dir: str, results_uri: str | None = None,
+                    sinks: list[str] | None = None, outbox_dir: str | None = None,
+                    audit_run_id: str | None = None) -> list[dict[str, Any]]:
+    """Send a finished audit's flagged rows to relabel sinks (the target of the ``tracin.audit.flagged``
+    automation in ``deployments/prefect.yaml``)."""
+    from tracin_tasks.orchestration.relabel import batch_for_audit, push_flagged
+
+    sinks = check_sinks(sinks)
+    if not sinks:
+        raise ConfigurationError("relabel-flagged needs at least one sink URI in `sinks`.")
+    results_uri = results_uri or os.path.join(output_dir, "cells")
+    plan = _load_plan(results_uri, audit_key)
+    if plan.settings.run_id != run_id:
+        raise ConfigurationError(f"Audit {audit_key} is of run {plan.settings.run_id}, not {run_id}.")
+    batch = batch_for_audit(plan, output_dir, audit_run_id)
+    outcomes = push_flagged(batch, sinks, outbox_dir or os.path.join(output_dir, "outbox"))
+    for o in outcomes:
+        get_run_logger().info("%s: %s", o["sink"], o["status"])
+    return outcomes
+
+
+@flow(name="apply-relabels")
+def apply_relabels(run_id: str, queue: str, tracking_uri: str | None = None, output_dir: str | None = None,
+                   log_to_mlflow: bool = True) -> dict[str, Any]:
+    """Write the corrected training data of a run from the reviewers' decisions in ``queue``.
+
+    The new version is logged to MLflow as a child run of ``run_id`` (see
+    :mod:`tracin_tasks.integrations.relabel.corrections`).
+    """
+    from tracin_tasks.integrations.relabel.corrections import apply_from_sink
+
+    check_sinks(queue)
+    result = apply_from_sink(run_id, queue, tracking_uri=tracking_uri, output_dir=output_dir,
+                             log_to_mlflow=log_to_mlflow)
+    get_run_logger().info(
+        "run %s: %d labels corrected, %d confirmed, %d skipped; corrected data in %s (MLflow run %s)",
+        run_id, result["changed"], result["confirmed"], result["skipped"], result["files"]["training_data.parquet"],
+        result["relabel_run_id"],
+    )
+    return result
