@@ -98,11 +98,16 @@ class TrainingTable:
         if non_numeric:
             raise TrainingDataError(f"Feature columns {non_numeric[:10]} are not numeric.")
         values = df[list(self.feature_columns)].to_numpy(dtype=np.float64, na_value=np.nan)
-        bad_rows = np.flatnonzero(~np.isfinite(values).all(1))
+        # features() hands the model float32: a value beyond its range would turn into inf there
+        with np.errstate(invalid="ignore"):
+            ok = np.isfinite(values) & (np.abs(values) <= np.finfo(np.float32).max)
+        bad_rows = np.flatnonzero(~ok.all(1))
         if len(bad_rows):
+            bad_cols = [c for c, good in zip(self.feature_columns, ok.all(0)) if not good]
             raise TrainingDataError(
-                f"{len(bad_rows)} row(s) have NaN or infinite features, row ids "
-                f"{ids.iloc[bad_rows[:10]].tolist()}. Fix or drop them before auditing."
+                f"{len(bad_rows)} row(s) have NaN or infinite features (or values beyond float32's range), "
+                f"row ids {ids.iloc[bad_rows[:10]].tolist()}{' ...' if len(bad_rows) > 10 else ''}, in columns "
+                f"{bad_cols[:10]}. Fix or drop those rows before logging the data."
             )
         if self.input_shape is not None and int(np.prod(self.input_shape)) != len(self.feature_columns):
             raise TrainingDataError(

@@ -7,6 +7,7 @@ the per-row result. Data moves between them as paths and small JSON dicts, never
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -21,7 +22,14 @@ import torch
 
 from tracin_tasks.core.table import TrainingTable
 from tracin_tasks.core.tracin import TracIn
-from tracin_tasks.exceptions import DataError
+from tracin_tasks.exceptions import (
+    CheckpointError,
+    DataError,
+    LabelOutOfRangeError,
+    NonFiniteGradientError,
+    OutputWriteError,
+    TracInError,
+)
 from tracin_tasks.orchestration.plan import AuditPlan, AuditSettings, Cell, plan_cells
 from tracin_tasks.orchestration.store import ResultsStore, aggregate_cells
 
@@ -41,6 +49,7 @@ def make_source(settings: AuditSettings):
         max_checkpoints=settings.max_checkpoints,
         model_factory=settings.model_factory,
         allow_pickle=settings.allow_pickle,
+        default_learning_rate=settings.default_learning_rate,
     )
 
 
@@ -64,6 +73,7 @@ def plan_audit(settings: AuditSettings, store: ResultsStore) -> AuditPlan:
     # build the model once here, so a broken factory or mismatched checkpoint fails the plan
     model = source.build_model()
     TracIn(model, [source.fetch(refs[-1])], settings.loss, _layers(settings))
+    check_labels_fit(model, table, settings)
     store.check_writable()
     checkpoints = [
         {"step": r.step, "learning_rate": r.learning_rate, "lr_source": r.lr_source, "kind": r.kind,
@@ -73,6 +83,56 @@ def plan_audit(settings: AuditSettings, store: ResultsStore) -> AuditPlan:
     plan = plan_cells(settings, checkpoints, len(table), table.fingerprint(), source.warnings)
     store.save_plan(plan)
     return plan
+
+
+def check_labels_fit(model: torch.nn.Module, table: TrainingTable, settings: AuditSettings) -> None:
+    """Fail the plan when the rows do not fit the model: one forward pass of the first row gives
+    the number of classes, against which every label is checked (a classifier's audit)."""
+    x = torch.from_numpy(table.features(slice(0, 1)))
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x.to(next(model.parameters()).dtype))
+    except Exception as exc:  # shape errors surface as RuntimeError/ValueError from torch
+        raise DataError(
+            f"The model of run {settings.run_id} cannot take the training data's rows: a row of shape "
+            f"{tuple(x.shape[1:])} failed in the forward pass ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Check input_shape and feature_columns "
+            "given to log_training_data, and the model factory's arguments."
+        ) from exc
+    if settings.loss != "cross_entropy" or not isinstance(out, torch.Tensor) or out.dim() < 2:
+        return
+    n_classes = int(out.shape[1])
+    labels = table.labels
+    bad = ((labels < 0) & (labels != -100)) | (labels >= n_classes)  # -100: cross_entropy's ignore_index
+    if bad.any():
+        ids = table.row_ids[bad]
+        values = sorted(set(labels[bad].tolist()))
+        raise LabelOutOfRangeError(
+            f"{int(bad.sum())} row(s) of run {settings.run_id} have labels {values[:10]} outside the model's "
+            f"{n_classes} classes (0..{n_classes - 1}): row ids {ids[:20].tolist()}"
+            f"{' ...' if len(ids) > 20 else ''}. Fix those labels and log the data again, or build the model "
+            "with as many outputs as there are classes."
+        )
+
+
+def retry_unless_bad_input(task: Any, task_run: Any, state: Any) -> bool:
+    """A Prefect ``retry_condition_fn``: retry a failed task unless it failed on bad input.
+
+    A :class:`TracInError` that is not also an ``OSError``/``ConnectionError`` (bad data,
+    settings, checkpoints, labels, non-finite gradients) fails the same way every time, so
+    retrying only delays the error. Anything else (a lost worker, the tracking server or the
+    results store not answering) goes on to the task's retry policy.
+    """
+    exc = getattr(state, "data", None)
+    if not isinstance(exc, BaseException):
+        try:
+            state.result()
+        except BaseException as raised:  # noqa: BLE001 - what the task raised, whatever it is
+            exc = raised
+    if isinstance(exc, TracInError) and not isinstance(exc, (OSError, ConnectionError)):
+        return False
+    return True
 
 
 def _layers(settings: AuditSettings):
@@ -99,14 +159,45 @@ def compute_cell(plan: AuditPlan, cell: Cell, store: ResultsStore, torch_threads
     from tracin_tasks.integrations.mlflow_source import CheckpointRef
 
     checkpoint = source.fetch(CheckpointRef(cell.step, cell.learning_rate, "plan", cell.kind, cell.location))
+    _check_finite_weights(checkpoint, settings.run_id)
     tracin = TracIn(source.build_model(), [checkpoint], settings.loss, _layers(settings), device=device)
     rows = slice(cell.row_start, cell.row_stop)
-    (result,) = list(tracin.checkpoint_passes(table.dataset(rows), settings.batch_size))
+    try:
+        (result,) = list(tracin.checkpoint_passes(table.dataset(rows), settings.batch_size))
+    except NonFiniteGradientError as exc:
+        raise _name_rows(exc, table, cell, settings.run_id) from exc
     arrays = {k: getattr(result, k) for k in ("squared_norm", "loss", "margin", "predicted", "confidence")}
     store.write_cell(plan.audit_key, cell, arrays)
     seconds = time.perf_counter() - t0
     logger.info("cell %s done on %s in %.2fs", cell.label, device, seconds)
     return {"cell": cell.name, "path": path, "skipped": False, "seconds": seconds, "device": device}
+
+
+def _check_finite_weights(checkpoint: Any, run_id: str) -> None:
+    """A checkpoint of a diverged run (NaN/inf weights) would fail every row: say so instead."""
+    bad = [k for k, v in checkpoint.load_state_dict().items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"The checkpoint at step {checkpoint.step} of run {run_id} holds NaN or infinite weights "
+            f"({bad[:10]}): training had diverged there. Leave it out of the audit with steps=[...] "
+            "(or max_checkpoints=), or audit a run that trained without diverging."
+        )
+
+
+def _name_rows(exc: NonFiniteGradientError, table: TrainingTable, cell: Cell, run_id: str) -> NonFiniteGradientError:
+    """The core names rows by position in the cell's shard; say which rows they are (row ids)."""
+    positions = [cell.row_start + int(p) for p in exc.rows]
+    ids = table.row_ids[positions].tolist() if positions else []
+    error = NonFiniteGradientError(
+        f"{len(ids)} row(s) of run {run_id} have non-finite (NaN or inf) loss gradients at the checkpoint "
+        f"of step {cell.step}: row ids {ids[:20]}{' ...' if len(ids) > 20 else ''}. Their features or "
+        "labels push the model out of floating-point range (look for extreme feature values); fix or drop "
+        "those rows and log the data again.",
+        positions,
+    )
+    error.row_ids = ids
+    return error
 
 
 def write_scores(plan: AuditPlan, store: ResultsStore, output_dir: str) -> str:
@@ -124,7 +215,6 @@ def write_scores(plan: AuditPlan, store: ResultsStore, output_dir: str) -> str:
             "predicted_confidence": agg["confidence"],
         }
     )
-    os.makedirs(output_dir, exist_ok=True)
     return _atomic_parquet(frame, os.path.join(output_dir, "scores.parquet"))
 
 
@@ -238,7 +328,23 @@ def redact_uri(uri: str | None) -> str | None:
 
 
 def _atomic_parquet(frame: pd.DataFrame, path: str) -> str:
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    """Write under a temporary name (ending in .tmp: nothing reads it as a result), then rename."""
+    folder = os.path.dirname(path)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OutputWriteError(
+            f"Could not write {path!r}: {exc.strerror or exc}. Choose an output folder this process can "
+            "write (output_dir= / --output); finished cells stay in the results store, so the re-run "
+            "only aggregates."
+        ) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     return path

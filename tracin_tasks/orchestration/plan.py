@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -42,6 +43,8 @@ class AuditSettings:
         device: "cpu", "cuda", or None (CUDA when the worker has it).
         model_factory: override the run's recorded "module:function".
         allow_pickle: allow checkpoint files that need unpickling.
+        default_learning_rate: the learning rate of checkpoints the run logged none for; None
+            (the default) refuses them, 1.0 weights every such checkpoint equally.
     """
 
     run_id: str
@@ -55,6 +58,7 @@ class AuditSettings:
     device: str | None = None
     model_factory: str | None = None
     allow_pickle: bool = False
+    default_learning_rate: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not self.run_id.strip():
@@ -72,6 +76,9 @@ class AuditSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"{name} must be a positive integer, got {value!r}.")
+        lr = self.default_learning_rate
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0):
+            raise ConfigurationError(f"default_learning_rate must be a finite number >= 0 or None, got {lr!r}.")
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigurationError(f"device must be 'cpu', 'cuda', 'cuda:N' or None, got {self.device!r}.")
 

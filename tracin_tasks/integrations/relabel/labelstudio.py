@@ -412,7 +412,7 @@ def label_config(classes: Sequence[int], kind: str) -> str:
     """The labeling interface: the example (``kind`` ``image``, ``table`` or ``none``), the audit's
     summary line, one choice per class, an optional note."""
     view = {
-        "image": '  <Image name="image" value="$image" zoom="true" zoomControl="true"/>\n',
+        "image": '  <Image name="image" value="$image" maxWidth="256px" zoom="true" zoomControl="true"/>\n',
         "table": '  <Table name="features" value="$features"/>\n',
         "none": "",
     }[kind]

@@ -197,7 +197,10 @@ class SqlQueue:
             has_meta = insp.has_table(f"{self.table_name}_meta", schema=self.schema)
             if not has_queue and not has_meta:
                 if not create:
-                    raise QueueSchemaError(f"{self.name} has no queue table; create it with create=True.")
+                    raise QueueSchemaError(
+                        f"{self.name} has no queue table {self.table_name!r}: check the URI and ?table=, or let an "
+                        "audit with --relabel create it."
+                    )
                 self.metadata.create_all(conn)
                 conn.execute(sa.insert(self.meta).values(key="schema_version", value=str(SCHEMA_VERSION)))
                 return
