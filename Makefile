@@ -22,7 +22,10 @@ export DO_NOT_TRACK := 1
 export MPLCONFIGDIR := $(STATE)/matplotlib
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: demo test bench venv browser clean
+LS_VENV ?= $(STATE)/label-studio/venv
+LABEL_STUDIO ?= label-studio==1.23.2
+
+.PHONY: demo test bench venv browser postgres label-studio test-deps clean
 
 venv: $(VENV)/.installed
 
@@ -41,11 +44,32 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is not installed and cannot be installed here: browser tests will be skipped"; fi; }
 
+# The relabel tests run a real PostgreSQL server (Debian's package; the tests initdb their own
+# clusters) and a real Label Studio. Label Studio pins python-json-logger==2.0.4 and Prefect
+# needs >=2.0.7, so the server gets its own virtual environment; the project talks to it only
+# through label-studio-sdk.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "PostgreSQL is not installed and cannot be installed here: Postgres queue tests will be skipped"; fi; }
+
+label-studio: $(LS_VENV)/.installed
+
+$(LS_VENV)/.installed:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(LABEL_STUDIO)" 2> >(grep -v 'is ignored' >&2)
+	touch $@
+
+# the slow installs are independent: run them side by side
+test-deps:
+	$(MAKE) -j4 --no-print-directory venv browser postgres label-studio
+
 demo: venv
 	$(BIN)/tracin-tasks demo --workdir .demo
 
-test: venv browser
-	$(BIN)/python -m pytest -q
+test: test-deps
+	TRACIN_LABEL_STUDIO_VENV=$(LS_VENV) $(BIN)/python -m pytest -q
 
 bench: venv
 	$(BIN)/python benchmarks/bench_core.py

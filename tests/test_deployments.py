@@ -30,7 +30,8 @@ def test_entrypoint_and_parameters(deployment):
         given |= set(trigger.get("parameters", {}))
     assert given <= accepted, f"unknown parameters {given - accepted}"
     required = set(flow.parameters.required or [])
-    assert required <= given, f"required parameters not provided: {required - given}"
+    if deployment.get("schedules") or deployment.get("triggers"):  # runs nobody starts by hand
+        assert required <= given, f"required parameters not provided: {required - given}"
     # non-templated values must validate against the flow's own signature
     concrete = {k: v for k, v in deployment.get("parameters", {}).items() if not (isinstance(v, str) and "{{" in v)}
     flow.validate_parameters({**{r: "x" for r in required if r not in concrete}, **concrete})
@@ -49,9 +50,29 @@ def test_nightly_schedule_is_a_valid_cron():
 def test_event_trigger_matches_what_training_emits():
     from tracin_tasks.orchestration.events import TRAINING_FINISHED, run_resource
 
-    (deployment,) = [d for d in SPEC["deployments"] if d.get("triggers")]
+    (deployment,) = [d for d in SPEC["deployments"] if d["name"] == "audit-on-training-finished"]
     (trigger,) = deployment["triggers"]
     assert trigger["expect"] == [TRAINING_FINISHED]
     pattern = trigger["match"]["prefect.resource.id"].replace(".", r"\.").replace("*", ".*")
     assert re.fullmatch(pattern, run_resource("abc123")["prefect.resource.id"])
     assert trigger["parameters"]["run_id"] == "{{ event.payload.run_id }}"
+
+
+def test_relabel_automation_matches_what_the_audit_emits():
+    """Every value the automation templates from the event is in the event the audit emits."""
+    import inspect
+
+    from tracin_tasks.orchestration import relabel
+    from tracin_tasks.orchestration.events import run_resource
+
+    (deployment,) = [d for d in SPEC["deployments"] if d["name"] == "relabel-on-audit-flagged"]
+    (trigger,) = deployment["triggers"]
+    assert trigger["expect"] == [relabel.AUDIT_FLAGGED]
+    pattern = trigger["match"]["prefect.resource.id"].replace(".", r"\.").replace("*", ".*")
+    assert re.fullmatch(pattern, run_resource("abc123")["prefect.resource.id"])
+    source = inspect.getsource(relabel.emit_audit_flagged)
+    for value in trigger["parameters"].values():
+        (key,) = re.findall(r"event\.payload\.(\w+)", value)
+        assert f'"{key}":' in source, f"the audit's event has no payload key {key!r}"
+    for sink in deployment["parameters"]["sinks"]:
+        assert "api_key" not in sink and "secret_block=" in sink  # credentials never in parameters
