@@ -178,7 +178,8 @@ class LabelStudioServer:
         deadline = started + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"Label Studio exited with {self.proc.returncode} while starting:\n{_tail(self.log)}")
+                raise RuntimeError(
+                    f"Label Studio exited with {self.proc.returncode} while starting:\n{_tail(self.log)}")
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
                     if resp.status == 200:

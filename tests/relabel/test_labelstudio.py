@@ -310,7 +310,8 @@ def test_image_data_uri_shapes():
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
 
     rgb = decode(image_data_uri(list(np.linspace(0, 1, 3 * 4 * 5)), (3, 4, 5)))
-    assert rgb.shape == (96, 120, 3)  # 24x, channels last
+    assert rgb.shape == (80, 100, 3)  # 20x (the long side reaches 96), channels last
+    assert rgb[0, 0].tolist() == [0, 86, 173] and rgb[-1, -1].tolist() == [82, 169, 255]
     assert decode(image_data_uri([1.0] * 16, (4, 4))).shape == (96, 96)  # constant image: no division by zero
     assert decode(image_data_uri(None, (1, 8, 8))).shape == (96, 96)  # placeholder
     assert decode(image_data_uri(list(range(28 * 28)), (28, 28, 1))).shape == (112, 112)

@@ -146,7 +146,8 @@ class LabelStudioSink:
         unknown = sorted(set(query) - _URI_OPTIONS)
         if unknown:
             raise ConfigurationError(
-                f"Unknown options {unknown} in the Label Studio sink URI {redact(uri)!r}; known: {sorted(_URI_OPTIONS)}."
+                f"Unknown options {unknown} in the Label Studio sink URI {redact(uri)!r}; "
+                f"known: {sorted(_URI_OPTIONS)}."
             )
         if not parts.hostname:
             raise ConfigurationError(f"The Label Studio sink URI {redact(uri)!r} names no host; expected "
