@@ -59,6 +59,8 @@ label-studio: $(LS_VENV)/.installed
 $(LS_VENV)/.installed:
 	$(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(LABEL_STUDIO)" 2> >(grep -v 'is ignored' >&2)
+	# migrate a data folder once (about a minute); each test session starts from a copy of it
+	TRACIN_LABEL_STUDIO_VENV=$(LS_VENV) $(PYTHON) tests/relabel/_labelstudio.py
 	touch $@
 
 # the slow installs are independent: run them side by side

@@ -88,6 +88,6 @@ def prefect_api():
     from prefect.testing.utilities import prefect_test_harness
 
     trainer = support_module.train_in_background()
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):
         trainer.join()
         yield prefect.settings.PREFECT_API_URL.value()

@@ -225,3 +225,42 @@ def test_cli_works_the_queue(first, digits_run, capsys):
     assert "2 rows back to pending" in capsys.readouterr().out
     assert main(["relabel", "list", "--queue", first["queue"].replace("queue.db", "absent.db")]) == 2
     assert "no queue table" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(find_bindir() is None, reason="PostgreSQL server binaries not found")
+def test_cli_flush_delivers_the_outbox(tmp_path, capsys):
+    from tracin_tasks.cli import main
+    from tracin_tasks.integrations.relabel.outbox import Outbox, deliver_with_outbox
+
+    from .test_sinks import batch
+
+    server = PostgresServer(find_bindir())
+    try:
+        server.init()
+        server.start()
+        url = server.create_database("flush")
+        server.stop()
+        outcome = deliver_with_outbox(url, batch(), Outbox(str(tmp_path / "outbox")), attempts=2, sleep=lambda s: None)
+        assert outcome.status == "outboxed"
+        server.start()
+        assert main(["relabel", "flush", "--outbox", str(tmp_path / "outbox"), "--sink", url]) == 0
+        assert "1 waiting batches delivered (5 new rows" in capsys.readouterr().out
+        assert SqlQueue(url).counts() == {"pending": 5}
+        assert Outbox(str(tmp_path / "outbox")).pending(url) == []
+    finally:
+        server.cleanup()
+
+
+def test_label_studio_key_from_a_prefect_secret_block(prefect_api, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    from tracin_tasks.exceptions import ConfigurationError
+    from tracin_tasks.integrations.relabel.base import read_secret
+
+    Secret(value="planted-key-123").save("tracin-test-ls-key", overwrite=True)
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "from-env")
+    assert read_secret("tracin-test-ls-key", "LABEL_STUDIO_API_KEY") == "planted-key-123"  # the block wins
+    assert read_secret(None, "LABEL_STUDIO_API_KEY") == "from-env"
+    with pytest.raises(ConfigurationError, match="does not exist") as err:
+        read_secret("no-such-block", "LABEL_STUDIO_API_KEY")
+    assert "from-env" not in str(err.value)

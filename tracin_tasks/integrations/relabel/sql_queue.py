@@ -135,7 +135,14 @@ class SqlQueue:
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
-                os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+                folder = os.path.dirname(os.path.abspath(parsed.database))
+                try:
+                    os.makedirs(folder, exist_ok=True)
+                except OSError as exc:
+                    raise ConfigurationError(
+                        f"Cannot create the folder of the SQLite queue {redact(url)!r}: {exc.strerror or exc}. "
+                        "Point the URI at a writable folder."
+                    ) from None
             kwargs["connect_args"] = {"timeout": 60.0}
         elif self.dialect == "postgresql":
             kwargs["connect_args"] = {"connect_timeout": int(connect_timeout)}
