@@ -85,7 +85,7 @@ def test_ambiguous_weight_files_for_one_step(sqlite_store, tmp_path):
         source.checkpoint_refs()
     assert "artifact_path=" in str(info.value)
     only_ema = tm.MlflowCheckpointSource(run.info.run_id, sqlite_store.uri, artifact_path="ckpt/ema",
-                                         cache_dir=tmp_path / "c")
+                                         cache_dir=tmp_path / "c", default_learning_rate=1.0)  # no lr logged
     assert [r.location for r in only_ema.checkpoint_refs()] == ["ckpt/ema/epoch_1.pt"]
 
 

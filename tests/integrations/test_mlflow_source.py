@@ -255,7 +255,9 @@ def test_plain_artifact_state_dicts_discovered_in_step_order(sqlite_store, small
     assert [r.learning_rate for r in other.checkpoint_refs()] == [1e-3, 2e-3, 3e-3]
 
 
-def test_checkpoint_without_lr_metric_gets_default_and_warning(sqlite_store, tmp_path):
+def test_checkpoint_without_lr_metric_is_refused_unless_a_default_is_given(sqlite_store, tmp_path):
+    from tracin_tasks.exceptions import LearningRateError
+
     experiment_id = sqlite_store.new_experiment("nolr")
     model = build_mlp(hidden=8)
     with mlflow_target(sqlite_store.uri), mlflow.start_run(experiment_id=experiment_id) as run:
@@ -263,11 +265,19 @@ def test_checkpoint_without_lr_metric_gets_default_and_warning(sqlite_store, tmp
             torch.save(model.state_dict(), tmp_path / f"epoch_{e}.pt")
             mlflow.log_artifact(str(tmp_path / f"epoch_{e}.pt"), "ckpt")
         mlflow.log_metric("lr", 0.25, step=1)  # nothing at step 3
-    source = tm.MlflowCheckpointSource(run.info.run_id, sqlite_store.uri, cache_dir=tmp_path / "cache")
+    strict = tm.MlflowCheckpointSource(run.info.run_id, sqlite_store.uri, cache_dir=tmp_path / "cache")
+    with pytest.raises(LearningRateError) as info:
+        strict.checkpoint_refs()
+    assert "steps [3]" in str(info.value) and "default_learning_rate=1.0" in str(info.value)
+    # only the selected checkpoints need a learning rate
+    assert [r.step for r in tm.MlflowCheckpointSource(run.info.run_id, sqlite_store.uri, steps=[1],
+                                                        cache_dir=tmp_path / "cache").checkpoint_refs()] == [1]
+    source = tm.MlflowCheckpointSource(run.info.run_id, sqlite_store.uri, cache_dir=tmp_path / "cache",
+                                       default_learning_rate=1.0)
     refs = source.checkpoint_refs()
     assert [(r.step, r.learning_rate, r.lr_source) for r in refs] == [(1, 0.25, "metric"), (3, 1.0, "default")]
     assert len(source.warnings) == 1
-    assert "step 3" in source.warnings[0] and "'lr'" in source.warnings[0] and "1.0" in source.warnings[0]
+    assert "steps [3]" in source.warnings[0] and "'lr'" in source.warnings[0] and "=1" in source.warnings[0]
     assert [c.learning_rate for c in source.checkpoints()] == [0.25, 1.0]
 
 
@@ -465,13 +475,24 @@ def test_downloads_happen_once(digits_run, tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError(f"downloaded again: {args}")
 
-    monkeypatch.setattr(second.client, "download_artifacts", no_network)
+    # only the run's two small spec files are read again (they may be re-logged to fix them)
+    specs = ("tracin/training_data.json", "tracin/model_factory.json")
+    second_calls = []
+
+    def only_specs(run_id, path, dst_path=None):
+        if path not in specs:
+            no_network(run_id, path, dst_path)
+        second_calls.append(path)
+        return real(run_id, path, dst_path)
+
+    monkeypatch.setattr(second.client, "download_artifacts", only_specs)
     again = second.checkpoints()
     for a, b in zip(again, ckpts):
         assert a.step == b.step and a.learning_rate == b.learning_rate
         _assert_same_weights(a.state_dict, b.state_dict)
     assert second.training_table().fingerprint() == table.fingerprint()
     assert second.build_model() is not None
+    assert sorted(second_calls) == sorted(specs)
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
     # a different cache folder does download again: it is the cache that saved the work

@@ -80,7 +80,8 @@ def select_parameters(model: nn.Module, layers: None | str | Sequence[str]) -> l
             hint = f" Did you mean {close}?" if close else ""
             raise LayerNotFoundError(
                 f"Layer {layer!r} does not exist in {type(model).__name__}.{hint} Layers with "
-                f"parameters: {with_params[:30]}{' ...' if len(with_params) > 30 else ''}."
+                f"parameters: {with_params[:30]}{' ...' if len(with_params) > 30 else ''}; pass some of "
+                "them as layers=[...], 'last' for the last one, or None for all."
             )
         found = [canonical[id(p)] for p in modules[layer].parameters()]
         if not found:

@@ -69,7 +69,10 @@ class TrainingTable:
         """Raise :class:`TrainingDataError` saying what is wrong with the table, if anything."""
         df = self.frame
         if len(df) == 0:
-            raise TrainingDataError("The training data has no rows; there is nothing to audit.")
+            raise TrainingDataError(
+                "The training data has no rows; there is nothing to audit. Log the rows the model was "
+                "trained on (tracin_tasks.mlflow.log_training_data(df, ...))."
+            )
         if not self.feature_columns:
             raise TrainingDataError("The training data has no feature columns besides the label and row id.")
         ids = df[self.row_id_column]
@@ -96,7 +99,10 @@ class TrainingTable:
             )
         non_numeric = [c for c in self.feature_columns if not pd.api.types.is_numeric_dtype(df[c].dtype)]
         if non_numeric:
-            raise TrainingDataError(f"Feature columns {non_numeric[:10]} are not numeric.")
+            raise TrainingDataError(
+                f"Feature columns {non_numeric[:10]} are not numeric; encode them as numbers, or leave them "
+                "out with feature_columns=[...]."
+            )
         values = df[list(self.feature_columns)].to_numpy(dtype=np.float64, na_value=np.nan)
         # features() hands the model float32: a value beyond its range would turn into inf there
         with np.errstate(invalid="ignore"):

@@ -494,9 +494,12 @@ class MlflowCheckpointSource:
         if not folder.startswith(f"{CHECKPOINT_ROOT}/step_"):
             return {}
         try:
-            meta = self._read_json(f"{folder}/meta.json")
+            local = self._download(f"{folder}/meta.json")  # cached, like the checkpoint file beside it
         except CheckpointError:
             return {}
+        try:
+            with open(local, encoding="utf-8") as fh:
+                meta = json.load(fh)
         except ValueError:
             logger.warning("ignoring %s/meta.json of run %s: not JSON", folder, self.run_id)
             return {}
@@ -538,8 +541,8 @@ class MlflowCheckpointSource:
         return os.path.join(self.cache_dir, "mlflow", server, self.run_id, *parts)
 
     def _read_json(self, artifact_path: str) -> Any:
-        """Download a small JSON artifact afresh (never from the cache: a run's specs may be
-        re-logged to fix them) and parse it; ValueError when it is not JSON."""
+        """Download a small JSON artifact afresh (never from the cache: the run's data and model
+        specs may be re-logged to fix them) and parse it; ValueError when it is not JSON."""
         with self._fresh_download(artifact_path) as local:
             with open(local, encoding="utf-8") as fh:
                 return json.load(fh)
@@ -601,12 +604,14 @@ class MlflowCheckpointSource:
         try:
             state = torch.load(local, map_location="cpu", weights_only=True)
         except Exception as exc:
-            # torch names the disallowed class when the file holds pickled objects
-            holds_objects = "Unsupported global" in str(exc)
+            # torch names the disallowed class when the file holds pickled objects; a plain pickle
+            # (not torch.save's format) fails earlier, on an opcode, but starts with pickle's header
+            holds_objects = "Unsupported global" in str(exc) or (
+                "Weights only load failed" in str(exc) and _starts_like_a_pickle(local))
             if not holds_objects:
                 raise CheckpointError(
                     f"Checkpoint {local!r} is not a readable torch checkpoint "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). It may be truncated or "
+                    f"({type(exc).__name__}: {_torch_load_detail(exc)}). It may be truncated or "
                     "not a torch.save file; re-log it."
                 ) from exc
             if not self.allow_pickle:
@@ -777,6 +782,23 @@ def _lr_text(lr: float) -> str:
     if math.isfinite(lr) and abs(lr) >= sys.float_info.max:
         return f"{lr:g}, which is how MLflow stores {'-' if lr < 0 else ''}inf"
     return f"{lr:g}"
+
+
+def _starts_like_a_pickle(path: str) -> bool:
+    """Pickle protocols 2-5 begin with the PROTO opcode (0x80) and the protocol number."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _torch_load_detail(exc: Exception) -> str:
+    """What torch.load found wrong, without its advice to retry with ``weights_only=False``."""
+    text = str(exc)
+    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if m:
+        return m.group(1)[:200]
+    first = text.splitlines()[0] if text else ""
+    return first[:200]
 
 
 def _is_connection_problem(exc: Exception) -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tracin_tasks.core.engine import describe_mismatch
 from tracin_tasks.core.table import TrainingTable
 from tracin_tasks.core.tracin import TracIn
 from tracin_tasks.exceptions import (
@@ -28,6 +29,7 @@ from tracin_tasks.exceptions import (
     LabelOutOfRangeError,
     NonFiniteGradientError,
     OutputWriteError,
+    StateDictMismatchError,
     TracInError,
 )
 from tracin_tasks.orchestration.plan import AuditPlan, AuditSettings, Cell, plan_cells
@@ -70,10 +72,22 @@ def plan_audit(settings: AuditSettings, store: ResultsStore) -> AuditPlan:
     source = make_source(settings)
     refs = source.checkpoint_refs()
     table = source.training_table()
-    # build the model once here, so a broken factory or mismatched checkpoint fails the plan
+    # build the model once here, so a broken factory, a mismatched or diverged checkpoint, a
+    # missing layer or labels the model does not have fail the plan, before any cell is stored
     model = source.build_model()
-    TracIn(model, [source.fetch(refs[-1])], settings.loss, _layers(settings))
+    last = source.fetch(refs[-1])
+    TracIn(model, [last], settings.loss, _layers(settings))
     check_labels_fit(model, table, settings)
+    expected = model.state_dict()
+    for ref in refs:  # one at a time: each is downloaded into the cache the cells then read
+        checkpoint = last if ref is refs[-1] else source.fetch(ref)
+        problem = describe_mismatch(expected, checkpoint.load_state_dict())
+        if problem:
+            raise StateDictMismatchError(
+                f"The checkpoint at step {checkpoint.step} does not fit {type(model).__name__}: {problem}. "
+                "Build the model with the same architecture and settings as the training run."
+            )
+        _check_finite_weights(checkpoint, settings.run_id)
     store.check_writable()
     checkpoints = [
         {"step": r.step, "learning_rate": r.learning_rate, "lr_source": r.lr_source, "kind": r.kind,
