@@ -49,6 +49,10 @@ def log_audit(
     Returns:
         ``{"run_id", "experiment_id", "ui_url", "report_url"}`` of the audit run.
     """
+    if tracking_uri and "@" in urlsplit(tracking_uri).netloc:
+        # MLflow prints "View run … at: <tracking URI>/#/…" to stdout when a run ends, password
+        # included; the audit reports its own link (ui_url, without credentials) instead
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     parent = client.get_run(training_run_id)
     run = client.create_run(

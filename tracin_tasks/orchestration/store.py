@@ -16,6 +16,7 @@ import io
 import json
 import posixpath
 import uuid
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -99,10 +100,25 @@ class ResultsStore:
         return path
 
     def read_cell(self, audit_key: str, cell: Cell) -> dict[str, np.ndarray]:
+        """The stored arrays of one cell; anything that is not exactly a cell's arrays is refused.
+
+        Never unpickles: an object array in the file (which only a pickle can hold) is an error.
+        """
         path = self.cell_path(audit_key, cell)
-        with self.fs.open(path, "rb") as fh:
-            data = np.load(io.BytesIO(fh.read()), allow_pickle=False)
-            return {k: data[k] for k in CELL_FIELDS}
+        n = cell.row_stop - cell.row_start
+        try:
+            with self.fs.open(path, "rb") as fh:
+                with np.load(io.BytesIO(fh.read()), allow_pickle=False) as data:
+                    arrays = {k: data[k] for k in CELL_FIELDS}
+            bad = [k for k, v in arrays.items() if v.ndim != 1 or len(v) != n]
+            if bad:
+                raise ValueError(f"{', '.join(bad)} do not hold {n} values")
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise ResultsStoreError(
+                f"The stored cell {path!r} ({cell.label}) of audit {audit_key} is not a readable cell result "
+                f"({type(exc).__name__}: {exc}). Delete it and re-run the audit: only that cell is computed again."
+            ) from exc
+        return arrays
 
     def _write_bytes(self, path: str, payload: bytes) -> None:
         """Write to a temporary name next to ``path``, then rename into place."""
