@@ -72,6 +72,9 @@ def _add_audit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
     p.add_argument("--model-factory", default=None,
                    help="module:function that builds the model, if the run did not record one")
+    p.add_argument("--default-learning-rate", type=float, default=None,
+                   help="learning rate for checkpoints the run logged none for (e.g. 1.0: equal weights); "
+                        "default: refuse such a run")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow checkpoint files that need unpickling (only for runs you trust)")
     g = p.add_argument_group("flagging and reporting")
@@ -254,6 +257,7 @@ def run_audit(args: argparse.Namespace) -> dict[str, Any]:
             max_checkpoints=args.max_checkpoints, loss=args.loss, task_runner=args.task_runner,
             max_workers=args.max_workers, gpu=args.gpu, device=args.device, output_dir=output,
             results_uri=results_uri, model_factory=args.model_factory, allow_pickle=args.allow_pickle,
+            default_learning_rate=args.default_learning_rate,
             flag=_flag_policy(args), validate_results=not args.no_validate,
             on_validation_failure=args.on_validation_failure, log_to_mlflow=not args.no_mlflow_report,
             relabel=args.relabel, outbox_dir=args.outbox,

@@ -23,7 +23,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
 
-from tracin_tasks.orchestration.cells import compute_cell, plan_audit, report_audit, scores_summary, write_scores
+from tracin_tasks.orchestration.cells import (
+    compute_cell,
+    plan_audit,
+    report_audit,
+    retry_unless_bad_input,
+    scores_summary,
+    write_scores,
+)
 from tracin_tasks.core.flagging import FlagPolicy
 from tracin_tasks.exceptions import ConfigurationError
 from tracin_tasks.integrations.gx_validation import ValidationFailedError
@@ -44,7 +51,7 @@ def _load_plan(results_uri: str, audit_key: str) -> AuditPlan:
 
 
 @task(name="plan-audit", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE,
-      task_run_name="plan audit of run {settings[run_id]}")
+      retry_condition_fn=retry_unless_bad_input, task_run_name="plan audit of run {settings[run_id]}")
 def plan_audit_task(settings: dict[str, Any], results_uri: str) -> dict[str, Any]:
     plan = plan_audit(AuditSettings.from_dict(settings), ResultsStore(results_uri))
     get_run_logger().info(
@@ -54,7 +61,7 @@ def plan_audit_task(settings: dict[str, Any], results_uri: str) -> dict[str, Any
 
 
 @task(name="score-cell", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE,
-      task_run_name="step {cell[step]} rows {cell[row_start]}-{cell[row_stop]}")
+      retry_condition_fn=retry_unless_bad_input, task_run_name="step {cell[step]} rows {cell[row_start]}-{cell[row_stop]}")
 def score_cell_task(results_uri: str, audit_key: str, cell: dict[str, Any], torch_threads: int | None = None) -> dict[str, Any]:
     plan = _load_plan(results_uri, audit_key)
     outcome = compute_cell(plan, Cell.from_dict(cell), ResultsStore(results_uri), torch_threads)
@@ -183,6 +190,7 @@ def audit_training_run(
     results_uri: str | None = None,
     model_factory: str | None = None,
     allow_pickle: bool = False,
+    default_learning_rate: float | None = None,
     flag: dict[str, Any] | None = None,
     validate_results: bool = True,
     on_validation_failure: str = "fail",
@@ -212,6 +220,8 @@ def audit_training_run(
             reach; default ``<output_dir>/cells``). Re-running the same audit skips finished cells.
         model_factory: override the run's recorded ``module:function``.
         allow_pickle: allow checkpoint files that need unpickling (trusted runs only).
+        default_learning_rate: the learning rate of checkpoints the run logged none for (e.g. 1.0
+            to weight every checkpoint equally); None refuses such a run with the fix.
         flag: the flagging policy as a dict of :class:`tracin_tasks.core.flagging.FlagPolicy`
             fields, e.g. ``{"top_fraction": 0.05, "per_class": true, "budget": 500}``.
         validate_results: run the Great Expectations suite over the result (Data Docs in ``output_dir/gx``).
@@ -234,7 +244,7 @@ def audit_training_run(
     settings = AuditSettings(
         run_id=run_id, tracking_uri=tracking_uri, layers=layers, loss=loss, batch_size=batch_size,
         shard_size=shard_size, steps=steps, max_checkpoints=max_checkpoints, device=device,
-        model_factory=model_factory, allow_pickle=allow_pickle,
+        model_factory=model_factory, allow_pickle=allow_pickle, default_learning_rate=default_learning_rate,
     )
     choice = parse_task_runner(task_runner, max_workers, gpu)
     check_api_for(choice)
