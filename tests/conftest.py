@@ -34,3 +34,19 @@ def make_checkpoints():
     from oracle import build_checkpoints
 
     return build_checkpoints
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server (a temporary server on a free port) for the whole session.
+
+    Every folder's ``prefect_api`` fixture uses this one: Prefect's events worker is a
+    process-wide singleton bound to the first server it talks to, so a second harness would
+    receive the flow runs but not the events; and each start costs tens of seconds here.
+    The state folders (PREFECT_HOME first) must exist: the folder fixtures create them.
+    """
+    import prefect.settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        yield prefect.settings.PREFECT_API_URL.value()

@@ -55,12 +55,9 @@ def digits_run():
 
 
 @pytest.fixture(scope="session")
-def prefect_api():
-    """Prefect's test harness (a temporary server on a free port) for the whole session."""
-    import prefect.settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    trainer = support_module.train_in_background()  # the run trains while the server starts
-    with prefect_test_harness(server_startup_timeout=120):
-        trainer.join()
-        yield prefect.settings.PREFECT_API_URL.value()
+def prefect_api(request):
+    """The session's Prefect test server (tests/conftest.py); the run trains while it starts."""
+    trainer = support_module.train_in_background()
+    url = request.getfixturevalue("prefect_harness")
+    trainer.join()
+    return url

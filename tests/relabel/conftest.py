@@ -83,11 +83,9 @@ def digits_run():
 
 
 @pytest.fixture(scope="session")
-def prefect_api():
-    import prefect.settings
-    from prefect.testing.utilities import prefect_test_harness
-
+def prefect_api(request):
+    """The session's Prefect test server (tests/conftest.py); the run trains while it starts."""
     trainer = support_module.train_in_background()
-    with prefect_test_harness(server_startup_timeout=300):
-        trainer.join()
-        yield prefect.settings.PREFECT_API_URL.value()
+    url = request.getfixturevalue("prefect_harness")
+    trainer.join()
+    return url

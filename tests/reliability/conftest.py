@@ -93,14 +93,11 @@ def prefect_api(request) -> str:
     When the fault or security tests are selected, the digits run they audit trains while the
     server starts.
     """
-    import prefect.settings
-    from prefect.testing.utilities import prefect_test_harness
-
     trainer = support.train_in_background() if _wants(request.session, "test_faults.py", "test_security.py") else None
-    with prefect_test_harness(server_startup_timeout=180):
-        if trainer is not None:
-            trainer.join()
-        yield prefect.settings.PREFECT_API_URL.value()
+    url = request.getfixturevalue("prefect_harness")  # the session's one server (tests/conftest.py)
+    if trainer is not None:
+        trainer.join()
+    return url
 
 
 @pytest.fixture

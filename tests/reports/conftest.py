@@ -55,15 +55,11 @@ def prefect_api(request):
     While it starts, the sqlite training run trains on a thread and, when the MLflow UI tests
     are selected, the ``mlflow server`` boots.
     """
-    import prefect.settings
-    from prefect.testing.utilities import prefect_test_harness
-
     if _wants(request.session, "test_mlflow_ui.py") and (BIN / "mlflow").exists():
         request.getfixturevalue("mlflow_server_process")
     if _wants(request.session, "test_flow_report.py"):
         _sqlite_training()
-    with prefect_test_harness(server_startup_timeout=300):
-        yield prefect.settings.PREFECT_API_URL.value()
+    return request.getfixturevalue("prefect_harness")  # the session's one server (tests/conftest.py)
 
 
 _SQLITE_RUN: _Background | None = None
