@@ -78,7 +78,7 @@ def _add_audit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow checkpoint files that need unpickling (only for runs you trust)")
     g = p.add_argument_group("flagging and reporting")
-    g.add_argument("--score", choices=["self_influence", "self_influence_aum"], default=None,
+    g.add_argument("--score", choices=["self_influence", "self_influence_aum", "self_influence_aum_loss"], default=None,
                    help="what rows are ranked by (default: the policy's default, see docs/concepts.md)")
     g.add_argument("--top-fraction", type=float, default=None, help="flag this share of rows (default 0.1)")
     g.add_argument("--top-k", type=int, default=None, help="flag at most this many rows (per class with --per-class)")

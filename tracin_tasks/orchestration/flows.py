@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -144,7 +145,7 @@ def report_task(results_uri: str, audit_key: str, output_dir: str, flag: dict[st
     if run and run.get("report_url"):
         create_link_artifact(run["report_url"], link_text="Audit report in MLflow", key="tracin-report")
     else:
-        create_link_artifact("file://" + result["files"]["report.html"], link_text="Audit report (local file)",
+        create_link_artifact(Path(result["files"]["report.html"]).as_uri(), link_text="Audit report (local file)",
                              key="tracin-report")
     return {k: result[k] for k in ("files", "summary", "validation", "mlflow_run", "data_docs")}
 
