@@ -110,6 +110,12 @@ def kill_group(proc: subprocess.Popen) -> None:
 def prefect_api(request) -> str:
     """The folder conftest's Prefect test server, the shared ``mlflow server`` starting meanwhile."""
     prestart_server()
+    # the conftest trains on a thread while the harness imports Prefect's server: both import
+    # SQLAlchemy's ORM, whose circular imports fail when two threads run them at once; import first
+    import mlflow  # noqa: F401
+    import prefect.testing.utilities  # noqa: F401
+    import sqlalchemy.orm  # noqa: F401
+
     return request.getfixturevalue("prefect_api")
 
 
@@ -192,6 +198,77 @@ class MlflowServer:
     def tail(self, n: int = 4000) -> str:
         logs = sorted(self.root.glob("server-*.log"))
         return logs[-1].read_text(errors="replace")[-n:] if logs else "<no log>"
+
+
+class TcpGate:
+    """A TCP forwarder on 127.0.0.1 in front of a server: ``close()`` refuses new connections and
+    cuts open ones (to a client, the server is gone), ``open()`` listens on the same port again.
+
+    Used where a test needs the tracking server unreachable without paying for its restart.
+    """
+
+    def __init__(self, upstream_port: int):
+        import socket
+
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.port = orch.free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._socket = socket
+        self._listener = None
+        self._conns: list = []
+        self._lock = threading.Lock()
+        self.open()
+
+    def open(self) -> None:
+        sock = self._socket
+        listener = sock.socket(sock.AF_INET, sock.SOCK_STREAM)
+        listener.setsockopt(sock.SOL_SOCKET, sock.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), name="tcp-gate", daemon=True).start()
+
+    def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(self._socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(self._socket.SHUT_RDWR)
+            c.close()
+
+    def _accept(self, listener) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = self._socket.create_connection(self.upstream, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(2)
 
 
 @dataclass(frozen=True)
@@ -314,12 +391,14 @@ def assert_complete_cells(results: Path) -> int:
     return n
 
 
-def files_containing(root: Path, needle: bytes) -> list[str]:
-    """Every file under ``root`` whose bytes contain ``needle`` (or its base64/url-quoted forms)."""
+def files_containing(root: Path, needle: bytes, user: str = "auditor") -> list[str]:
+    """Every file under ``root`` whose bytes contain ``needle``, URL-quoted, base64, or as the
+    base64 of a Basic ``Authorization`` header for ``user``."""
     import base64
     from urllib.parse import quote
 
-    forms = {needle, quote(needle.decode()).encode(), base64.b64encode(needle)}
+    forms = {needle, quote(needle.decode()).encode(), base64.b64encode(needle),
+             base64.b64encode(user.encode() + b":" + needle)}
     hits = []
     for path in sorted(root.rglob("*")):
         if path.is_file() and not path.is_symlink():
