@@ -20,7 +20,11 @@ import pandas as pd
 
 from tracin_tasks.exceptions import ConfigurationError, DataError
 
-SCORES = ("auto", "self_influence", "self_influence_aum")
+SCORES = ("auto", "self_influence", "self_influence_aum", "self_influence_aum_loss")
+
+# a cross-entropy loss above log 2 means the model gives the label less than even odds: it does
+# not fit the label. Below that, the final loss says nothing the trajectory does not say better.
+FITTED_LOSS = math.log(2.0)
 
 
 @dataclass(frozen=True)
@@ -28,11 +32,14 @@ class FlagPolicy:
     """Which rows to flag for relabeling.
 
     Attributes:
-        score: what rows are ranked by: ``"self_influence"`` (pure TracIn),
+        score: what rows are ranked by: ``"self_influence"`` (pure TracIn);
             ``"self_influence_aum"`` (standardised log self-influence minus standardised area
-            under the margin, both free from the same checkpoints), or ``"auto"`` (the default:
-            the combination for classifiers, plain self-influence otherwise). On digits the
-            combination found the most flipped labels; see docs/benchmarks.md.
+            under the margin); ``"self_influence_aum_loss"`` (that, plus the standardised log of
+            the final checkpoint's loss floored at log 2, so only rows the final model still
+            gives less than even odds add to it); or ``"auto"`` (the default: the three-part
+            score when the table has ``aum`` and ``loss_final``, self-influence with AUM when
+            it has only ``aum``, plain self-influence otherwise). All parts come from the
+            audit's own checkpoint passes; see docs/benchmarks.md ("Detection quality").
         top_k: flag at most the k highest-ranked rows (per class with ``per_class``).
         top_fraction: flag the highest-ranked fraction of rows (per class with ``per_class``).
             The default, ``"auto"``, means 0.1 when no other criterion (top_k, threshold,
@@ -110,9 +117,11 @@ class FlagPolicy:
 
 
 _SCORE_NAMES = {
-    "auto": "self-influence combined with the area under the margin (plain self-influence for non-classifiers)",
+    "auto": "self-influence combined with the area under the margin and the final loss (plain "
+            "self-influence for non-classifiers)",
     "self_influence": "self-influence",
     "self_influence_aum": "self-influence combined with the area under the margin",
+    "self_influence_aum_loss": "self-influence combined with the area under the margin and the final loss",
 }
 
 
@@ -124,15 +133,35 @@ def _standardise(x: np.ndarray) -> np.ndarray:
     return (x - finite.mean()) / (sd if sd > 0 else 1.0)
 
 
-def compute_score(self_influence: np.ndarray, aum: np.ndarray | None, kind: str) -> np.ndarray:
-    """The ranking score of a policy: plain self-influence, or its combination with AUM."""
+def compute_score(
+    self_influence: np.ndarray, aum: np.ndarray | None, kind: str, loss_final: np.ndarray | None = None
+) -> np.ndarray:
+    """The ranking score of a policy (higher = more suspicious).
+
+    ``self_influence``: the raw TracIn self-influence. ``self_influence_aum``:
+    ``z(log self_influence) − z(aum)``. ``self_influence_aum_loss``: that plus
+    ``z(log max(loss_final, log 2))`` — the final checkpoint's cross-entropy counts only where
+    the final model gives the label less than even odds; ``z`` standardises over the rows.
+
+    Example:
+        >>> compute_score(si, aum, "self_influence_aum_loss", loss_final)
+    """
     si = np.asarray(self_influence, dtype=np.float64)
     if kind == "self_influence":
         return si.copy()
     if aum is None or not np.isfinite(aum).any():
-        raise DataError("score='self_influence_aum' needs the area under the margin (a classifier's audit).")
+        raise DataError(f"score={kind!r} needs the area under the margin (a classifier's audit).")
     log_si = np.log(np.maximum(si, np.finfo(np.float64).tiny))
-    return _standardise(log_si) - _standardise(np.asarray(aum, dtype=np.float64))
+    score = _standardise(log_si) - _standardise(np.asarray(aum, dtype=np.float64))
+    if kind == "self_influence_aum":
+        return score
+    if loss_final is None or not np.isfinite(loss_final).any():
+        raise DataError(
+            f"score={kind!r} needs the final checkpoint's loss per row (column 'loss_final' of the "
+            "audit's scores table); use score='self_influence_aum' without it."
+        )
+    rejected = np.log(np.maximum(np.asarray(loss_final, dtype=np.float64), FITTED_LOSS))
+    return score + _standardise(rejected)
 
 
 def _robust_z(x: np.ndarray) -> np.ndarray:
@@ -176,8 +205,9 @@ def find_label_issues(
 
     Args:
         scores: one row per training row with ``row_id``, ``label``, ``self_influence`` and,
-            when available, ``aum``, ``predicted_label``, ``predicted_confidence``.
-        policy: a :class:`FlagPolicy` (or its dict); default: the top 10% by self-influence.
+            when available, ``aum``, ``loss_final``, ``predicted_label``, ``predicted_confidence``
+            (the audit's ``scores.parquet`` has them all).
+        policy: a :class:`FlagPolicy` (or its dict); default: the top 10% by the ``"auto"`` score.
         info: facts about the audit to carry into the info dict (run, checkpoints, layers...).
 
     Returns:
@@ -202,10 +232,17 @@ def find_label_issues(
             f"{scores['row_id'].to_numpy()[bad][:10].tolist()}); fix the audit before flagging."
         )
     aum = scores["aum"].to_numpy(dtype=np.float64) if "aum" in scores.columns else None
+    loss_final = scores["loss_final"].to_numpy(dtype=np.float64) if "loss_final" in scores.columns else None
     kind = policy.score
     if kind == "auto":
-        kind = "self_influence_aum" if aum is not None and np.isfinite(aum).all() else "self_influence"
-    score = compute_score(si, aum, kind)
+        # the three-part score was best or close to it on every benchmark case (docs/benchmarks.md)
+        if aum is None or not np.isfinite(aum).all():
+            kind = "self_influence"
+        elif loss_final is None or not np.isfinite(loss_final).all():
+            kind = "self_influence_aum"
+        else:
+            kind = "self_influence_aum_loss"
+    score = compute_score(si, aum, kind, loss_final)
     labels = scores["label"].to_numpy()
     n = len(scores)
 
