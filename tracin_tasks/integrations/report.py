@@ -221,8 +221,9 @@ def render_report(inputs: ReportInputs, plots: dict[str, bytes] | None = None, t
                  "<li>Rows are ranked by a <b>score</b>: by default, self-influence combined with the "
                  "<b>area under the margin</b> — how far, averaged over the checkpoints, the model preferred "
                  "the given label over its best alternative (low or negative for rows the model kept "
-                 "disagreeing with). Both come from the same checkpoints; on digits with 10% flipped labels "
-                 "the combination found more of them than either alone. The dashed line marks the lowest "
+                 "disagreeing with) — and the <b>final loss</b> where the final model gives the label less than "
+                 "even odds. All three come from the same checkpoints; on digits with 10% flipped labels the "
+                 "combination found as many or more of them than each alone (docs/benchmarks.md). The dashed line marks the lowest "
                  "self-influence among the flagged rows.</li>"
                  "<li>The <b>percentile</b> says how many rows score lower (100 = the highest).</li></ul>")
     for name, url in inputs.links.items():
