@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tracin_tasks._text import csv_frame, for_terminal
+
 _QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DO_NOT_TRACK": "1",
@@ -71,7 +73,18 @@ def _add_audit_options(p: argparse.ArgumentParser) -> None:
                    help="use at most this many checkpoints, evenly spaced, the last always kept")
     p.add_argument("--loss", default="cross_entropy", choices=["cross_entropy", "mse"])
     p.add_argument("--model-factory", default=None,
-                   help="module:function that builds the model, if the run did not record one")
+                   help="module:function that builds the model, instead of the one the run recorded (yours: trusted)")
+    p.add_argument("--model-kwargs", default=None, metavar="JSON",
+                   help="keyword arguments for the model factory, a JSON object (e.g. '{\"hidden\": 128}')")
+    p.add_argument("--trust-module", action="append", default=None, metavar="PREFIX",
+                   help="trust model factories the run names in this module or package (repeatable; added to "
+                        "$TRACIN_TRUSTED_MODULES). A run's own factory is refused until its module is trusted")
+    p.add_argument("--max-parameters", type=int, default=None, metavar="N",
+                   help="refuse models and checkpoints with more elements than this, before allocating them "
+                        "(default $TRACIN_MAX_PARAMETERS or 1e9)")
+    p.add_argument("--mlflow-secret-block", default=None, metavar="NAME",
+                   help="Prefect Secret block holding the tracking server's password (default: "
+                        "$MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD); never put it in --tracking-uri")
     p.add_argument("--default-learning-rate", type=float, default=None,
                    help="learning rate for checkpoints the run logged none for (e.g. 1.0: equal weights); "
                         "default: refuse such a run")
@@ -145,6 +158,8 @@ def _add_relabel_commands(sub: Any) -> None:
     apply.add_argument("--tracking-uri", default=None)
     apply.add_argument("--output", default=None, help="folder for the corrected data (default tracin-relabel/RUN_ID)")
     apply.add_argument("--no-mlflow", action="store_true", help="only write the files")
+    apply.add_argument("--mlflow-secret-block", default=None, metavar="NAME",
+                       help="Prefect Secret block holding the tracking server's password")
 
     flush = rsub.add_parser("flush", help="deliver rows waiting in an outbox")
     flush.add_argument("--outbox", required=True)
@@ -244,9 +259,17 @@ def _flag_policy(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def run_audit(args: argparse.Namespace) -> dict[str, Any]:
+    from tracin_tasks._uris import refuse_uri_credentials
+    from tracin_tasks.integrations.model_factory import check_model_kwargs
+
+    # refused here, before Prefect stores the flow's parameters
+    refuse_uri_credentials(args.tracking_uri, "--tracking-uri")
+    model_kwargs = check_model_kwargs(args.model_kwargs, "--model-kwargs") or None
     from tracin_tasks.orchestration import audit_training_run
+    from tracin_tasks.orchestration.relabel import check_sinks
     from tracin_tasks.orchestration.runners import check_api_for, parse_task_runner
 
+    check_sinks(args.relabel)
     check_api_for(parse_task_runner(args.task_runner, args.max_workers, args.gpu))
     output = os.path.abspath(args.output or os.path.join("tracin-audit", args.run_id))
     results_uri = args.results_uri or os.path.join(output, "cells")
@@ -260,7 +283,9 @@ def run_audit(args: argparse.Namespace) -> dict[str, Any]:
             default_learning_rate=args.default_learning_rate,
             flag=_flag_policy(args), validate_results=not args.no_validate,
             on_validation_failure=args.on_validation_failure, log_to_mlflow=not args.no_mlflow_report,
-            relabel=args.relabel, outbox_dir=args.outbox,
+            relabel=args.relabel, outbox_dir=args.outbox, model_kwargs=model_kwargs,
+            trusted_modules=args.trust_module, max_parameters=args.max_parameters,
+            mlflow_secret_block=args.mlflow_secret_block,
         )
 
 
@@ -270,7 +295,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"scores: {summary['scores']}")
     print("highest self-influence (row_id, label, score):")
     for row in summary["top_rows"]:
-        print(f"  {row['row_id']}\t{row['label']}\t{row['self_influence']:.4g}")
+        print(f"  {for_terminal(row['row_id'])}\t{for_terminal(row['label'])}\t{row['self_influence']:.4g}")
     if summary.get("flagged") is not None:
         print(f"flagged: {summary['flagged']} rows -> {summary['files']['issues.parquet']}")
         print(f"report: {summary['files']['report.html']}")
@@ -291,7 +316,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
             print(f"relabel queue {outcome['sink']} is unavailable: {outcome['error']}\n"
                   f"    the rows wait in {outcome['outbox_path']} and are delivered on the next run")
     for warning in summary.get("warnings", []):
-        print(f"warning: {warning}")
+        print(f"warning: {for_terminal(warning, None)}")
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -316,8 +341,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     print("2/3 auditing it with the Prefect flow (Prefect's temporary server, thread pool)")
     queue = f"sqlite:///{workdir / 'relabel.db'}"
+    # the demo's run names its model factory in tracin_tasks.examples: the demo trusts that module, as an
+    # operator trusts the package that defines their models
     audit_args = build_parser().parse_args(["audit", "--run-id", run_id, "--tracking-uri", tracking_uri,
-                                            "--output", str(workdir / "audit" / run_id), "--relabel", queue])
+                                            "--output", str(workdir / "audit" / run_id), "--relabel", queue,
+                                            "--trust-module", "tracin_tasks.examples"])
     t0 = time.perf_counter()
     summary = run_audit(audit_args)
     print(f"    {summary['rows']} rows, {summary['cells']} cells in {time.perf_counter() - t0:.0f}s")
@@ -338,7 +366,7 @@ def run_demo(args: argparse.Namespace) -> int:
           f"flipped rows ({caught / max(1, len(flipped_ids)):.1%})")
     _print_summary(summary)
     top = scores.iloc[np.argsort(-scores["self_influence"].to_numpy(), kind="stable")[:5]]
-    print("of these, flipped on purpose:", ", ".join(str(r) for r in top["row_id"] if r in flipped_ids) or "none")
+    print("of these, flipped on purpose:", ", ".join(for_terminal(r) for r in top["row_id"] if r in flipped_ids) or "none")
     run = summary["mlflow_run"]
     print("\nto look at it in the MLflow UI:")
     print(f"    {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {tracking_uri} --port 5000")
@@ -389,8 +417,14 @@ def run_relabel(args: argparse.Namespace) -> int:
     if cmd == "apply":
         from tracin_tasks.orchestration.flows import apply_relabels
 
+        from tracin_tasks._uris import refuse_uri_credentials
+        from tracin_tasks.orchestration.relabel import check_sinks
+
+        refuse_uri_credentials(args.tracking_uri, "--tracking-uri")  # before Prefect stores the parameters
+        check_sinks(args.queue)
         result = apply_relabels(run_id=args.run_id, queue=args.queue, tracking_uri=args.tracking_uri,
-                                output_dir=args.output, log_to_mlflow=not args.no_mlflow)
+                                output_dir=args.output, log_to_mlflow=not args.no_mlflow,
+                                mlflow_secret_block=args.mlflow_secret_block)
         print(f"run {result['run_id']}: {result['changed']} labels corrected, {result['confirmed']} confirmed, "
               f"{result['skipped']} skipped (of {result['decisions']} decisions)")
         print(f"corrected training data: {result['files']['training_data.parquet']}")
@@ -424,21 +458,23 @@ def run_relabel(args: argparse.Namespace) -> int:
             cols = ["row_id", "rank", "score", "given_label", "suggested_label", "status", "decided_label",
                     "claimed_by", "decided_by", "run_id", "fingerprint"]
             if args.format == "csv":
-                rows.to_csv(sys.stdout, index=False)
+                csv_frame(rows).to_csv(sys.stdout, index=False)  # no cell a spreadsheet would run as a formula
             elif args.format == "json":
                 print(rows.to_json(orient="records", date_format="iso"))
             else:
                 view = rows[cols].copy()
                 view["fingerprint"] = view["fingerprint"].str[:12]
+                for column in ("row_id", "claimed_by", "decided_by", "run_id"):
+                    view[column] = view[column].map(lambda v: v if v is None or v != v else for_terminal(v, 40))
                 print(view.to_string(index=False) if len(view) else "(no rows)")
                 print(f"{len(rows)} of {total} rows; by status: {json.dumps(queue.counts(fp))}")
         elif cmd == "claim":
             fp = _fingerprint_of(queue, args.run_id, args.fingerprint)
             got = queue.claim(args.worker, args.n, fp)
             for r in got:
-                print(f"{r['row_id']}\tgiven {r['given_label']}\tsuggested {r['suggested_label']}\t"
+                print(f"{for_terminal(r['row_id'])}\tgiven {r['given_label']}\tsuggested {r['suggested_label']}\t"
                       f"rank {r['rank']}\tdata {r['fingerprint'][:12]}")
-            print(f"{len(got)} rows claimed by {args.worker}")
+            print(f"{len(got)} rows claimed by {for_terminal(args.worker)}")
         elif cmd == "decide":
             fp = _fingerprint_of(queue, args.run_id, args.fingerprint)
             if fp is None:
@@ -447,7 +483,7 @@ def run_relabel(args: argparse.Namespace) -> int:
                 raise ConfigurationError("decide needs --run-id or --fingerprint to find the row.")
             status = "confirmed" if args.confirm else "skipped" if args.skip else "relabeled"
             stored = queue.decide(args.row_id, fp, status, args.label, by=args.by, note=args.note)
-            print(f"row {args.row_id}: {stored}" + (f" as {args.label}" if stored == "relabeled" else ""))
+            print(f"row {for_terminal(args.row_id)}: {stored}" + (f" as {args.label}" if stored == "relabeled" else ""))
         elif cmd == "release":
             print(f"{queue.release(args.worker)} rows back to pending")
     finally:
@@ -468,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_relabel(args)
         summary = run_audit(args)
     except TracInError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # one line: a message may quote row ids or values from the data
+        print(f"error: {for_terminal(exc, 4000)}", file=sys.stderr)
         return 2
     _print_summary(summary)
     return 0

@@ -92,6 +92,19 @@ class ModelFactoryError(TracInError, ImportError):
     """The model factory recorded for a run (``module:function``) cannot be imported or called."""
 
 
+class UntrustedModelFactoryError(ModelFactoryError):
+    """A run names a model factory whose module the operator has not trusted; nothing was imported.
+
+    Trust a module with ``TRACIN_TRUSTED_MODULES`` (comma-separated prefixes), ``--trust-module``
+    or the flow parameter ``trusted_modules``; or pass the factory yourself (``model_factory=``).
+    """
+
+
+class ModelTooLargeError(TracInError, ValueError):
+    """A model or checkpoint declares more parameters than the audit's ceiling (``max_parameters``),
+    or a weight declares more data than its file holds; refused before any real allocation."""
+
+
 class TrainingDataError(DataError):
     """A run's training data is missing, unreadable or malformed."""
 
@@ -132,6 +145,18 @@ class OutputWriteError(TracInError, OSError):
     """An audit's output (scores, issues, report) cannot be written where it was asked to go."""
 
 
+class OutputFolderBusyError(TracInError, BlockingIOError):
+    """Another audit held the output folder for longer than this one was willing to wait."""
+
+
+class UnfinishedAuditError(TracInError, LookupError):
+    """An output folder holds no finished audit, or not the audit a reader asked for."""
+
+
+class CredentialsInUriError(ConfigurationError):
+    """A URI carries a password; settings are stored (plans, Prefect parameters), so they must not."""
+
+
 def require_extra(module: str, extra: str):
     """Import an optional dependency, or raise :class:`MissingExtraError` naming the extra."""
     import importlib
@@ -163,6 +188,8 @@ __all__ = [
     "NoCheckpointsError",
     "UnsafeCheckpointError",
     "ModelFactoryError",
+    "UntrustedModelFactoryError",
+    "ModelTooLargeError",
     "TrainingDataError",
     "TrackingServerUnavailableError",
     "RelabelError",
@@ -172,5 +199,8 @@ __all__ = [
     "InvalidTransitionError",
     "LearningRateError",
     "OutputWriteError",
+    "OutputFolderBusyError",
+    "UnfinishedAuditError",
+    "CredentialsInUriError",
     "require_extra",
 ]

@@ -70,19 +70,16 @@ class Checkpoint:
                 f"Checkpoint file {path!r} (step {self.step}) does not exist. Check the path, "
                 "or that the training run saved this checkpoint."
             )
-        try:
-            loaded = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError...
-            raise CheckpointError(
-                f"Could not read checkpoint {path!r} (step {self.step}) as a plain state_dict "
-                f"with torch.load(weights_only=True): {exc}. The file may be truncated, or "
-                "hold pickled objects; save checkpoints with torch.save(model.state_dict(), path)."
-            ) from exc
-        if not isinstance(loaded, Mapping):
-            raise CheckpointError(
-                f"Checkpoint {path!r} (step {self.step}) holds a {type(loaded).__name__}, not a "
-                "state_dict. Save checkpoints with torch.save(model.state_dict(), path)."
-            )
+        from tracin_tasks.core.weights import read_torch_file
+
+        # declared sizes are checked before any data is read; nothing is unpickled
+        loaded = read_torch_file(
+            path, step=self.step, what=f"Checkpoint {path!r} (step {self.step})",
+            advice="Save checkpoints with torch.save(model.state_dict(), path); or, if you trust the file, load it "
+                   "yourself (torch.load(path, weights_only=False)) and pass Checkpoint(state_dict=...).",
+        )
+        if torch.device(map_location).type != "cpu":
+            loaded = {k: v.to(map_location) if isinstance(v, torch.Tensor) else v for k, v in loaded.items()}
         return loaded
 
 

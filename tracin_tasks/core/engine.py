@@ -111,6 +111,19 @@ def describe_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, 
     return ", ".join(parts)
 
 
+def check_state_dict_fits(expected: Mapping[str, Any], given: Mapping[str, Any], step: Any, model_name: str) -> None:
+    """Raise :class:`StateDictMismatchError` (the one message for it) unless ``given`` fits ``expected``.
+
+    Both map parameter names to tensors (meta tensors will do: only names and shapes are compared).
+    """
+    problem = describe_mismatch(expected, given)
+    if problem:
+        raise StateDictMismatchError(
+            f"The checkpoint at step {step} does not fit {model_name}: {problem}. "
+            "Build the model with the same architecture and settings as the training run."
+        )
+
+
 class GradientEngine:
     """Per-example gradients of one model, as factors, for whichever checkpoint is loaded."""
 
@@ -173,12 +186,7 @@ class GradientEngine:
     # -- checkpoints -------------------------------------------------------------------
     def load(self, state_dict: Mapping[str, torch.Tensor], step: Any = None) -> None:
         """Load a checkpoint's weights into the private copy, after checking they fit."""
-        problem = describe_mismatch(self._expected_state, state_dict)
-        if problem:
-            raise StateDictMismatchError(
-                f"The checkpoint at step {step} does not fit {type(self.model).__name__}: {problem}. "
-                "Build the model with the same architecture and settings as the training run."
-            )
+        check_state_dict_fits(self._expected_state, state_dict, step, type(self.model).__name__)
         self.model.load_state_dict(state_dict, strict=True)
 
     # -- per-example gradients ---------------------------------------------------------

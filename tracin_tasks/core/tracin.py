@@ -285,15 +285,9 @@ class TracIn:
         return self._engine_cache
 
     def _check_fits(self, ckpt: Checkpoint) -> None:
-        from tracin_tasks.core.engine import describe_mismatch
-        from tracin_tasks.exceptions import StateDictMismatchError
+        from tracin_tasks.core.engine import check_state_dict_fits
 
-        problem = describe_mismatch(self.model.state_dict(), ckpt.load_state_dict())
-        if problem:
-            raise StateDictMismatchError(
-                f"The checkpoint at step {ckpt.step} does not fit {type(self.model).__name__}: "
-                f"{problem}. Build the model with the same architecture and settings as the training run."
-            )
+        check_state_dict_fits(self.model.state_dict(), ckpt.load_state_dict(), ckpt.step, type(self.model).__name__)
 
     def _squared_norms(self, factors: dict[str, Factor]) -> torch.Tensor:
         override = self._engine().form_override

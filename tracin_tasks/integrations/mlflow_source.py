@@ -20,13 +20,13 @@ import base64
 import contextlib
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import math
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -44,6 +44,7 @@ from torch import nn
 
 from tracin_tasks.core.checkpoint import Checkpoint
 from tracin_tasks.core.table import TrainingTable
+from tracin_tasks.core.weights import read_pt2_file, read_torch_file
 from tracin_tasks.exceptions import (
     CheckpointError,
     ConfigurationError,
@@ -57,7 +58,15 @@ from tracin_tasks.exceptions import (
     require_extra,
 )
 from tracin_tasks.integrations.mlflow_logging import CHECKPOINT_ROOT, DATA_SPEC, FACTORY_SPEC, LR_METRIC
-from tracin_tasks.integrations.pt2 import read_pt2_state_dict
+from tracin_tasks.integrations.model_factory import (
+    FactoryTrust,
+    ModelSpec,
+    build_model,
+    build_on_meta,
+    check_max_parameters,
+    check_model_kwargs,
+    max_parameters_from_env,
+)
 
 mlflow = require_extra("mlflow", "mlflow")
 from mlflow.exceptions import MlflowException  # noqa: E402
@@ -74,6 +83,8 @@ _SKIP_DIRS = {"training_data", "tracin", "ground_truth", "audit"}
 _STEP_RE = re.compile(r"(?:step|epoch|ckpt|checkpoint|iter|iteration)[_\-=]?(\d+)", re.IGNORECASE)
 _INT_RE = re.compile(r"(\d+)")
 _WEIGHT_SUFFIXES = (".pt", ".pth")
+_MAX_SPEC_BYTES = 1024 * 1024  # a run's JSON specs are a few hundred bytes; a bigger one is not downloaded
+_STALE_DOWNLOAD_SECONDS = 6 * 3600
 
 
 @dataclass(frozen=True)
@@ -184,8 +195,13 @@ class MlflowCheckpointSource:
             ``$TRACIN_TASKS_CACHE_DIR`` or ``~/.cache/tracin-tasks``).
         lr_metric: the run metric holding the learning rate per step.
         artifact_path: look for checkpoint files only under this artifact folder.
-        model_factory: ``"module:function"`` to build the model, overriding what the run recorded.
-        model_kwargs: arguments for ``model_factory``.
+        model_factory: ``"module:function"`` to build the model, overriding what the run recorded
+            (the caller's choice: trusted).
+        model_kwargs: arguments for ``model_factory`` (a JSON object).
+        trusted_modules: module prefixes whose factories the run may name (besides
+            ``TRACIN_TRUSTED_MODULES``); see :mod:`tracin_tasks.integrations.model_factory`.
+        max_parameters: ceiling on the model's and each checkpoint's elements (default
+            ``TRACIN_MAX_PARAMETERS`` or 10⁹); checked before anything is allocated.
         allow_pickle: allow checkpoint files that need unpickling (only for runs you trust).
         default_learning_rate: the learning rate of checkpoints the run logged none for (no
             ``lr_metric`` at their step, none in their metadata). ``None`` (the default) refuses
@@ -218,6 +234,8 @@ class MlflowCheckpointSource:
         default_learning_rate: float | None = None,
         retries: int | None = None,
         backoff: float | None = None,
+        trusted_modules: Sequence[str] | str | None = None,
+        max_parameters: int | None = None,
     ):
         if not isinstance(run_id, str) or not run_id.strip():
             raise ConfigurationError(f"run_id must be a non-empty string, got {run_id!r}.")
@@ -232,7 +250,9 @@ class MlflowCheckpointSource:
         self.lr_metric = lr_metric
         self.artifact_path = safe_relpath(artifact_path) if artifact_path else None
         self.model_factory = model_factory
-        self.model_kwargs = dict(model_kwargs or {})
+        self.model_kwargs = check_model_kwargs(model_kwargs)
+        self.trust = FactoryTrust.from_settings(trusted_modules)
+        self.max_parameters = check_max_parameters(max_parameters) or max_parameters_from_env()
         self.allow_pickle = bool(allow_pickle)
         if default_learning_rate is not None and (
             isinstance(default_learning_rate, bool) or not isinstance(default_learning_rate, (int, float))
@@ -253,6 +273,7 @@ class MlflowCheckpointSource:
         self._client = None
         self._run = None
         self._refs: list[CheckpointRef] | None = None
+        self._cleaned = False
 
     @staticmethod
     def _parse_steps(steps: Sequence[int] | str | None) -> tuple[list[int] | None, int | None]:
@@ -334,6 +355,9 @@ class MlflowCheckpointSource:
             return
         # urllib takes user:password@ for part of the host name: send them as a header instead
         base, auth = _split_credentials(self.tracking_uri)
+        if auth is None and os.environ.get("MLFLOW_TRACKING_USERNAME") and os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+            pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ['MLFLOW_TRACKING_PASSWORD']}"
+            auth = "Basic " + base64.b64encode(pair.encode()).decode()
         request = urllib.request.Request(base.rstrip("/") + "/health", headers={"Authorization": auth} if auth else {})
 
         def probe() -> None:
@@ -517,13 +541,24 @@ class MlflowCheckpointSource:
             refs.append(CheckpointRef(int(out.step), lr, lr_source, "logged_model", out.model_id))
         return refs
 
-    def fetch(self, ref: CheckpointRef) -> Checkpoint:
-        """Download (once) and read one checkpoint's weights."""
+    def fetch(self, ref: CheckpointRef, expected: dict[str, Any] | None = None,
+              model_name: str = "the model") -> Checkpoint:
+        """Download (once) and read one checkpoint's weights.
+
+        Args:
+            ref: the checkpoint.
+            expected: the model's state_dict (meta tensors will do, see :meth:`build_meta_model`):
+                the file's declared names and shapes are compared with it before any tensor is made.
+            model_name: for the mismatch message.
+        """
+        what = (f"Checkpoint {ref.location!r} of run {self.run_id}" if ref.kind == "artifact"
+                else f"LoggedModel {ref.location} (step {ref.step}) of run {self.run_id}")
+        limits = {"expected": expected, "max_parameters": self.max_parameters, "step": ref.step,
+                  "model_name": model_name, "what": what}
         if ref.kind == "artifact":
-            local = self._download(ref.location)
-            state = self._load_weights(local)
+            state = read_torch_file(self._download(ref.location), allow_pickle=self.allow_pickle, **limits)
         else:
-            state = self._load_logged_model(ref.location)
+            state = self._load_logged_model(ref.location, limits)
         meta = {
             "source": f"runs:/{self.run_id}/{ref.location}" if ref.kind == "artifact" else f"models:/{ref.location}",
             "lr_source": ref.lr_source,
@@ -542,8 +577,21 @@ class MlflowCheckpointSource:
 
     def _read_json(self, artifact_path: str) -> Any:
         """Download a small JSON artifact afresh (never from the cache: the run's data and model
-        specs may be re-logged to fix them) and parse it; ValueError when it is not JSON."""
-        with self._fresh_download(artifact_path) as local:
+        specs may be re-logged to fix them) and parse it; ValueError when it is not JSON.
+
+        A spec larger than 1 MiB (real ones are a few hundred bytes) is refused unread.
+        """
+        rel = safe_relpath(artifact_path)
+        folder = rel.rsplit("/", 1)[0] if "/" in rel else None
+        listed = {f.path: f.file_size for f in self._list(folder) if not f.is_dir}
+        if (listed.get(rel) or 0) > _MAX_SPEC_BYTES:
+            raise ConfigurationError(
+                f"{rel} of run {self.run_id} is {listed[rel]:,} bytes; a spec is a small JSON file, so the audit "
+                "does not read it. Re-log it with tracin_tasks.mlflow."
+            )
+        with self._fresh_download(rel) as local:
+            if os.path.getsize(local) > _MAX_SPEC_BYTES:
+                raise ConfigurationError(f"{rel} of run {self.run_id} is larger than a spec can be; not read.")
             with open(local, encoding="utf-8") as fh:
                 return json.load(fh)
 
@@ -552,11 +600,35 @@ class MlflowCheckpointSource:
         """Download one artifact file of the run to a private temporary folder, removed afterwards."""
         rel = safe_relpath(artifact_path)
         os.makedirs(self._cache_path(), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".fresh-", dir=self._cache_path())
+        self._clean_stale_downloads()
+        tmp = tempfile.mkdtemp(prefix=_tmp_prefix("fresh"), dir=self._cache_path())
         try:
             yield self._download_into(rel, tmp, None)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _clean_stale_downloads(self) -> None:
+        """Remove temporary download folders that a killed process left in this run's cache: those of
+        a process of this host that no longer runs, and any older than six hours."""
+        if self._cleaned:
+            return
+        self._cleaned = True
+        root = self._cache_path()
+        for folder, dirs, _ in os.walk(root):
+            for name in list(dirs):
+                m = _TMP_NAME.match(name)
+                if not m:
+                    continue
+                dirs.remove(name)
+                path = os.path.join(folder, name)
+                try:
+                    age = time.time() - os.path.getmtime(path)
+                except OSError:
+                    continue
+                dead = m.group("host") == _HOST and not _pid_alive(int(m.group("pid")))
+                if dead or age > _STALE_DOWNLOAD_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+                    logger.info("removed %s, left by an interrupted download", path)
 
     def _download(self, artifact_path: str, model_id: str | None = None, version: str | None = None) -> str:
         """Download one artifact file into the cache, atomically, unless it is already there.
@@ -574,7 +646,8 @@ class MlflowCheckpointSource:
         if os.path.isfile(final):
             return final
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".download-", dir=os.path.dirname(final))
+        self._clean_stale_downloads()
+        tmp = tempfile.mkdtemp(prefix=_tmp_prefix("download"), dir=os.path.dirname(final))
         try:
             local = self._download_into(rel, tmp, model_id)
             os.replace(local, final)  # appears complete or not at all
@@ -600,47 +673,14 @@ class MlflowCheckpointSource:
             raise CheckpointError(f"Artifact {rel!r} of run {self.run_id} is not a file.")
         return local
 
-    def _load_weights(self, local: str) -> dict[str, torch.Tensor]:
-        try:
-            state = torch.load(local, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            # torch names the disallowed class when the file holds pickled objects; a plain pickle
-            # (not torch.save's format) fails earlier, on an opcode, but starts with pickle's header
-            holds_objects = "Unsupported global" in str(exc) or (
-                "Weights only load failed" in str(exc) and _starts_like_a_pickle(local))
-            if not holds_objects:
-                raise CheckpointError(
-                    f"Checkpoint {local!r} is not a readable torch checkpoint "
-                    f"({type(exc).__name__}: {_torch_load_detail(exc)}). It may be truncated or "
-                    "not a torch.save file; re-log it."
-                ) from exc
-            if not self.allow_pickle:
-                raise UnsafeCheckpointError(
-                    f"Checkpoint {local!r} holds pickled Python objects, not only tensors; reading it "
-                    "would unpickle them, which can run code. Log state_dicts instead, or pass "
-                    "allow_pickle=True if you trust this run."
-                ) from exc
-            logger.warning("allow_pickle=True: unpickling %s", local)
-            try:
-                state = torch.load(local, map_location="cpu", weights_only=False)
-            except Exception as exc2:
-                raise CheckpointError(f"Checkpoint {local!r} could not be unpickled: {exc2}") from exc2
-        if isinstance(state, nn.Module):
-            state = state.state_dict()
-        if not isinstance(state, dict):
-            raise CheckpointError(f"Checkpoint {local!r} holds a {type(state).__name__}, not a state_dict.")
-        if "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]  # the common {"state_dict": ..., "epoch": ...} bundle
-        return state
-
-    def _load_logged_model(self, model_id: str) -> dict[str, torch.Tensor]:
+    def _load_logged_model(self, model_id: str, limits: dict[str, Any]) -> dict[str, torch.Tensor]:
         files = self._call(
             "list LoggedModel artifacts", lambda: self.client.list_logged_model_artifacts(model_id, "data")
         )
         names = [f.path for f in files if not f.is_dir]
         pt2 = [p for p in names if p.endswith(".pt2")]
         if pt2:
-            return read_pt2_state_dict(self._download(pt2[0], model_id=model_id))
+            return read_pt2_file(self._download(pt2[0], model_id=model_id), **limits)
         pickled = [p for p in names if p.endswith((".pth", ".pt"))]
         if pickled:
             if not self.allow_pickle:
@@ -649,14 +689,14 @@ class MlflowCheckpointSource:
                     "unpickle arbitrary objects. Log models in the default pt2 format, or pass "
                     "allow_pickle=True if you trust this run."
                 )
-            return self._load_weights(self._download(pickled[0], model_id=model_id))
+            return read_torch_file(self._download(pickled[0], model_id=model_id), allow_pickle=True, **limits)
         raise CheckpointError(f"LoggedModel {model_id} has no weights file under data/ (found {names}).")
 
     # -- the model --------------------------------------------------------------------------
-    def model_spec(self) -> tuple[str, dict[str, Any]]:
-        """The ``module:function`` and arguments that rebuild the model."""
+    def model_spec(self) -> ModelSpec:
+        """How to rebuild the model: the caller's ``model_factory``, else the one the run recorded."""
         if self.model_factory:
-            return self.model_factory, dict(self.model_kwargs)
+            return ModelSpec(self.model_factory, dict(self.model_kwargs), "caller")
         self.run()
         try:
             spec = self._read_json(FACTORY_SPEC)
@@ -664,7 +704,7 @@ class MlflowCheckpointSource:
             raise ModelFactoryError(
                 f"Run {self.run_id} does not say how to build its model (no {FACTORY_SPEC}). Log it "
                 "with tracin_tasks.mlflow.log_model_factory('pkg.module:function', ...), or pass "
-                "model_factory='pkg.module:function'."
+                "model_factory='pkg.module:function' (CLI: --model-factory, --model-kwargs JSON)."
             ) from None
         except ValueError as exc:
             spec = exc
@@ -673,14 +713,17 @@ class MlflowCheckpointSource:
             raise ModelFactoryError(
                 f"{FACTORY_SPEC} of run {self.run_id} is not a JSON object with a 'factory' string and "
                 "'kwargs'. Re-log it with tracin_tasks.mlflow.log_model_factory('pkg.module:function', ...), "
-                "or pass model_factory='pkg.module:function'."
+                "or pass model_factory='pkg.module:function' (CLI: --model-factory, --model-kwargs JSON)."
             )
-        return spec["factory"], {**spec.get("kwargs", {}), **self.model_kwargs}
+        return ModelSpec(spec["factory"], {**spec.get("kwargs", {}), **self.model_kwargs}, "run")
 
-    def build_model(self) -> nn.Module:
-        """Import the model factory and call it."""
-        factory, kwargs = self.model_spec()
-        return build_from_factory(factory, kwargs)
+    def build_meta_model(self, spec: ModelSpec | None = None) -> nn.Module:
+        """The model on PyTorch's meta device (nothing allocated), after the trust and size checks."""
+        return build_on_meta(spec or self.model_spec(), self.trust, self.max_parameters)
+
+    def build_model(self, spec: ModelSpec | None = None) -> nn.Module:
+        """Build the model: trusted factories only, checked on the meta device before it is built for real."""
+        return build_model(spec or self.model_spec(), self.trust, self.max_parameters)
 
     # -- training data ----------------------------------------------------------------------
     def training_table(self) -> TrainingTable:
@@ -749,28 +792,12 @@ class MlflowCheckpointSource:
 
 
 def build_from_factory(factory: str, kwargs: dict[str, Any]) -> nn.Module:
-    """Import ``module:function`` and call it with ``kwargs``; the result must be an nn.Module."""
-    module_name, _, attr = factory.partition(":")
-    if not module_name or not attr:
-        raise ModelFactoryError(f"Model factory {factory!r} is not of the form 'package.module:function'.")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelFactoryError(
-            f"Cannot import {module_name!r} for the model factory {factory!r}: {exc}. Install the package "
-            "that defines the model in the audit's environment (every worker needs it)."
-        ) from exc
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ModelFactoryError(f"{module_name!r} has no attribute {attr!r} (model factory {factory!r}).")
-        obj = getattr(obj, part)
-    try:
-        model = obj(**kwargs)
-    except Exception as exc:
-        raise ModelFactoryError(f"Calling the model factory {factory}(**{kwargs}) failed: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise ModelFactoryError(f"The model factory {factory!r} returned a {type(model).__name__}, not an nn.Module.")
-    return model
+    """Build a model from a factory *you* name (``module:function`` and keyword arguments).
+
+    The caller's choice is trusted; a factory a run recorded goes through
+    :meth:`MlflowCheckpointSource.build_model` and the operator's trust policy instead.
+    """
+    return build_model(ModelSpec(factory, dict(kwargs or {}), "caller"), FactoryTrust(()))
 
 
 def _usable_lr(lr: float) -> bool:
@@ -784,21 +811,23 @@ def _lr_text(lr: float) -> str:
     return f"{lr:g}"
 
 
-def _starts_like_a_pickle(path: str) -> bool:
-    """Pickle protocols 2-5 begin with the PROTO opcode (0x80) and the protocol number."""
-    with open(path, "rb") as fh:
-        head = fh.read(2)
-    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+_TMP_NAME = re.compile(r"^\.(?:download|fresh)-(?:(?P<host>[A-Za-z0-9.]+)-(?P<pid>\d+)-)?")
 
 
-def _torch_load_detail(exc: Exception) -> str:
-    """What torch.load found wrong, without its advice to retry with ``weights_only=False``."""
-    text = str(exc)
-    m = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-    if m:
-        return m.group(1)[:200]
-    first = text.splitlines()[0] if text else ""
-    return first[:200]
+def _tmp_prefix(kind: str) -> str:
+    """Temporary download folders name their host and process, so a later audit can tell a dead one."""
+    return f".{kind}-{_HOST}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _is_connection_problem(exc: Exception) -> bool:

@@ -20,17 +20,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tracin_tasks.core.engine import describe_mismatch
 from tracin_tasks.core.table import TrainingTable
 from tracin_tasks.core.tracin import TracIn
 from tracin_tasks.exceptions import (
     CheckpointError,
+    ConfigurationError,
     DataError,
     LabelOutOfRangeError,
     NonFiniteGradientError,
     OutputWriteError,
-    StateDictMismatchError,
     TracInError,
+    UntrustedModelFactoryError,
 )
 from tracin_tasks.orchestration.plan import AuditPlan, AuditSettings, Cell, plan_cells
 from tracin_tasks.orchestration.store import ResultsStore, aggregate_cells
@@ -39,10 +39,16 @@ logger = logging.getLogger(__name__)
 _torch_threads_lock = threading.Lock()
 
 
-def make_source(settings: AuditSettings):
-    """The MLflow checkpoint source for these settings (no network until used)."""
+def make_source(settings: AuditSettings, authority: AuditSettings | None = None):
+    """The MLflow checkpoint source for these settings (no network until used).
+
+    ``authority``: the settings the flow itself holds, when they may differ from a plan read back
+    from the results store; trust, the ceiling and credentials then come from them.
+    """
     from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
 
+    trusted = authority or settings
+    apply_mlflow_credentials(trusted.mlflow_secret_block)
     steps = list(settings.steps) if isinstance(settings.steps, tuple) else settings.steps
     return MlflowCheckpointSource(
         settings.run_id,
@@ -50,9 +56,48 @@ def make_source(settings: AuditSettings):
         steps=steps,
         max_checkpoints=settings.max_checkpoints,
         model_factory=settings.model_factory,
-        allow_pickle=settings.allow_pickle,
+        model_kwargs=settings.model_kwargs,
+        allow_pickle=trusted.allow_pickle,
         default_learning_rate=settings.default_learning_rate,
+        trusted_modules=trusted.trusted_modules,
+        max_parameters=trusted.max_parameters,
     )
+
+
+def apply_mlflow_credentials(block: str | None) -> None:
+    """Put the tracking server's credentials from a Prefect Secret block into this process's
+    environment (``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``, which MLflow reads).
+
+    The block holds the password, or ``{"username": ..., "password": ...}``; without a username
+    there, ``MLFLOW_TRACKING_USERNAME`` must already be set. Read once per process.
+    """
+    if block:
+        _load_mlflow_credentials(block)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_mlflow_credentials(block: str) -> None:
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block).get()
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"There is no Prefect Secret block named {block!r} (mlflow_secret_block): {exc}. Create it with "
+            "prefect.blocks.system.Secret(value=PASSWORD).save(NAME), or pass the credentials in "
+            "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD."
+        ) from None
+    username = value.get("username") if isinstance(value, dict) else None
+    password = value.get("password") if isinstance(value, dict) else value
+    if not isinstance(password, str) or not password:
+        raise ConfigurationError(f"The Prefect Secret block {block!r} holds no password (a string, or "
+                                 "{'username': ..., 'password': ...}).")
+    if username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = str(username)
+    elif not os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        raise ConfigurationError(f"The Prefect Secret block {block!r} holds a password but no username; store "
+                                 "{'username': ..., 'password': ...} or set MLFLOW_TRACKING_USERNAME.")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = password
 
 
 @functools.lru_cache(maxsize=4)
@@ -68,33 +113,35 @@ def _cached_table(run_id: str, tracking_uri: str | None, fingerprint: str) -> Tr
 
 
 def plan_audit(settings: AuditSettings, store: ResultsStore) -> AuditPlan:
-    """Discover checkpoints and data, check the store is writable, and plan the cells."""
+    """Discover checkpoints and data, check the store is writable, and plan the cells.
+
+    Nothing from the run is trusted before it is checked: the model factory must be trusted
+    (:mod:`tracin_tasks.integrations.model_factory`) and is first built on PyTorch's meta device
+    (its size against the ceiling, nothing allocated); each checkpoint's declared tensors are then
+    compared with that model before their data is read. A broken factory, a checkpoint of another
+    architecture or a diverged run, a missing layer or labels the model does not have fail the plan,
+    before any cell is stored.
+    """
     source = make_source(settings)
     refs = source.checkpoint_refs()
     table = source.training_table()
-    # build the model once here, so a broken factory, a mismatched or diverged checkpoint, a
-    # missing layer or labels the model does not have fail the plan, before any cell is stored
-    model = source.build_model()
-    last = source.fetch(refs[-1])
+    spec = source.model_spec()
+    meta_model = source.build_meta_model(spec)
+    expected, name = meta_model.state_dict(), type(meta_model).__name__
+    last = None
+    for ref in refs:  # one at a time: each is downloaded into the cache the cells then read
+        last = source.fetch(ref, expected=expected, model_name=name)
+        _check_finite_weights(last, settings.run_id)
+    model = source.build_model(spec)
     TracIn(model, [last], settings.loss, _layers(settings))
     check_labels_fit(model, table, settings)
-    expected = model.state_dict()
-    for ref in refs:  # one at a time: each is downloaded into the cache the cells then read
-        checkpoint = last if ref is refs[-1] else source.fetch(ref)
-        problem = describe_mismatch(expected, checkpoint.load_state_dict())
-        if problem:
-            raise StateDictMismatchError(
-                f"The checkpoint at step {checkpoint.step} does not fit {type(model).__name__}: {problem}. "
-                "Build the model with the same architecture and settings as the training run."
-            )
-        _check_finite_weights(checkpoint, settings.run_id)
     store.check_writable()
     checkpoints = [
         {"step": r.step, "learning_rate": r.learning_rate, "lr_source": r.lr_source, "kind": r.kind,
          "location": r.location}
         for r in refs
     ]
-    plan = plan_cells(settings, checkpoints, len(table), table.fingerprint(), source.warnings)
+    plan = plan_cells(settings, checkpoints, len(table), table.fingerprint(), source.warnings, spec.to_dict())
     store.save_plan(plan)
     return plan
 
@@ -118,15 +165,19 @@ def check_labels_fit(model: torch.nn.Module, table: TrainingTable, settings: Aud
         return
     n_classes = int(out.shape[1])
     labels = table.labels
-    bad = ((labels < 0) & (labels != -100)) | (labels >= n_classes)  # -100: cross_entropy's ignore_index
+    # every negative label, -100 (cross_entropy's ignore_index) included: training ignored such rows,
+    # and an audit scores every row it is given, so they have no self-influence to measure
+    bad = (labels < 0) | (labels >= n_classes)
     if bad.any():
         ids = table.row_ids[bad]
         values = sorted(set(labels[bad].tolist()))
+        ignored = (" Rows labelled -100 (PyTorch's ignore_index) were left out of training's loss: drop them "
+                   "from the logged training data." if -100 in values else "")
         raise LabelOutOfRangeError(
             f"{int(bad.sum())} row(s) of run {settings.run_id} have labels {values[:10]} outside the model's "
             f"{n_classes} classes (0..{n_classes - 1}): row ids {ids[:20].tolist()}"
             f"{' ...' if len(ids) > 20 else ''}. Fix those labels and log the data again, or build the model "
-            "with as many outputs as there are classes."
+            f"with as many outputs as there are classes.{ignored}"
         )
 
 
@@ -153,8 +204,18 @@ def _layers(settings: AuditSettings):
     return list(settings.layers) if isinstance(settings.layers, tuple) else settings.layers
 
 
-def compute_cell(plan: AuditPlan, cell: Cell, store: ResultsStore, torch_threads: int | None = None) -> dict[str, Any]:
+def compute_cell(plan: AuditPlan, cell: Cell, store: ResultsStore, torch_threads: int | None = None,
+                 authority: AuditSettings | None = None) -> dict[str, Any]:
     """Compute one cell unless its result is already stored; return what happened.
+
+    Args:
+        plan: the audit's plan, as read back from the results store.
+        cell: the cell.
+        store: the results store.
+        torch_threads: torch's intra-op threads for this cell.
+        authority: the flow's own settings. A plan is a file in the results store; with these,
+            the model the plan names is built only if the flow itself would build it (its caller's
+            factory, or a run's factory its trusted modules allow).
 
     Returns:
         ``{"cell": name, "path": stored file, "skipped": bool, "seconds": float, "device": str}``.
@@ -168,13 +229,15 @@ def compute_cell(plan: AuditPlan, cell: Cell, store: ResultsStore, torch_threads
         with _torch_threads_lock:
             torch.set_num_threads(torch_threads)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    source = make_source(settings)
+    source = make_source(settings, authority)
     table = _cached_table(settings.run_id, settings.tracking_uri, plan.fingerprint)
     from tracin_tasks.integrations.mlflow_source import CheckpointRef
 
-    checkpoint = source.fetch(CheckpointRef(cell.step, cell.learning_rate, "plan", cell.kind, cell.location))
+    model = source.build_model(_planned_spec(plan, authority))
+    checkpoint = source.fetch(CheckpointRef(cell.step, cell.learning_rate, "plan", cell.kind, cell.location),
+                              expected=model.state_dict(), model_name=type(model).__name__)
     _check_finite_weights(checkpoint, settings.run_id)
-    tracin = TracIn(source.build_model(), [checkpoint], settings.loss, _layers(settings), device=device)
+    tracin = TracIn(model, [checkpoint], settings.loss, _layers(settings), device=device)
     rows = slice(cell.row_start, cell.row_stop)
     try:
         (result,) = list(tracin.checkpoint_passes(table.dataset(rows), settings.batch_size))
@@ -185,6 +248,23 @@ def compute_cell(plan: AuditPlan, cell: Cell, store: ResultsStore, torch_threads
     seconds = time.perf_counter() - t0
     logger.info("cell %s done on %s in %.2fs", cell.label, device, seconds)
     return {"cell": cell.name, "path": path, "skipped": False, "seconds": seconds, "device": device}
+
+
+def _planned_spec(plan: AuditPlan, authority: AuditSettings | None):
+    """The model spec the plan was checked with (None for a plan that predates recording it)."""
+    from tracin_tasks.integrations.model_factory import ModelSpec
+
+    if plan.model is None:
+        return None
+    spec = ModelSpec.from_dict(plan.model)
+    if authority is not None and spec.origin == "caller" and (
+            spec.factory != authority.model_factory or spec.kwargs != (authority.model_kwargs or {})):
+        raise UntrustedModelFactoryError(
+            f"The plan of audit {plan.audit_key} in the results store names the model factory {spec.factory!r} as "
+            "the caller's, but this audit was not given it; the plan was changed by someone else. Nothing was "
+            "imported. Restrict write access to the results store, then re-run the audit."
+        )
+    return spec
 
 
 def _check_finite_weights(checkpoint: Any, run_id: str) -> None:

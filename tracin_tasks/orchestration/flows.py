@@ -24,7 +24,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
 
+from tracin_tasks._uris import uri_secret
 from tracin_tasks.orchestration.cells import (
+    apply_mlflow_credentials,
     compute_cell,
     plan_audit,
     report_audit,
@@ -63,9 +65,11 @@ def plan_audit_task(settings: dict[str, Any], results_uri: str) -> dict[str, Any
 
 @task(name="score-cell", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE,
       retry_condition_fn=retry_unless_bad_input, task_run_name="step {cell[step]} rows {cell[row_start]}-{cell[row_stop]}")
-def score_cell_task(results_uri: str, audit_key: str, cell: dict[str, Any], torch_threads: int | None = None) -> dict[str, Any]:
+def score_cell_task(results_uri: str, audit_key: str, cell: dict[str, Any], torch_threads: int | None = None,
+                    settings: dict[str, Any] | None = None) -> dict[str, Any]:
     plan = _load_plan(results_uri, audit_key)
-    outcome = compute_cell(plan, Cell.from_dict(cell), ResultsStore(results_uri), torch_threads)
+    authority = AuditSettings.from_dict(settings) if settings is not None else None
+    outcome = compute_cell(plan, Cell.from_dict(cell), ResultsStore(results_uri), torch_threads, authority)
     if not outcome["skipped"]:
         get_run_logger().info("%s: %.2fs on %s", Cell.from_dict(cell).label, outcome["seconds"], outcome["device"])
     return outcome
@@ -73,8 +77,13 @@ def score_cell_task(results_uri: str, audit_key: str, cell: dict[str, Any], torc
 
 @flow(name="tracin-score-cells")
 def score_cells(results_uri: str, audit_key: str, cells: list[dict[str, Any]], task_runner: str = "threads",
-                max_workers: int | None = None, gpu: bool = False) -> dict[str, int]:
-    """Score every cell not already stored; the task runner is chosen by the calling flow."""
+                max_workers: int | None = None, gpu: bool = False,
+                settings: dict[str, Any] | None = None) -> dict[str, int]:
+    """Score every cell not already stored; the task runner is chosen by the calling flow.
+
+    ``settings``: the calling audit's settings; each cell builds the model under their trust policy,
+    whatever the plan in the results store says.
+    """
     log = get_run_logger()
     choice = parse_task_runner(task_runner, max_workers, gpu)
     store = ResultsStore(results_uri)
@@ -87,7 +96,7 @@ def score_cells(results_uri: str, audit_key: str, cells: list[dict[str, Any]], t
         description=f"Cells of audit {audit_key} finished ({len(cells)} in all)",
     )
     with placement(choice):
-        futures = [score_cell_task.submit(results_uri, audit_key, c, choice.torch_threads) for c in todo]
+        futures = [score_cell_task.submit(results_uri, audit_key, c, choice.torch_threads, settings) for c in todo]
     done = skipped
     for future in as_completed(futures):
         future.result()  # a cell that failed after its retries fails the flow; finished cells stay stored
@@ -115,7 +124,11 @@ def _md(value: Any) -> str:
 
 @task(name="report-audit", cache_policy=NO_CACHE, task_run_name="flag, validate and report audit {audit_key}")
 def report_task(results_uri: str, audit_key: str, output_dir: str, flag: dict[str, Any] | None, validate_results: bool,
-                extra_expectations: list[dict[str, Any]] | None, log_to_mlflow: bool) -> dict[str, Any]:
+                extra_expectations: list[dict[str, Any]] | None, log_to_mlflow: bool,
+                published_dir: str | None = None) -> dict[str, Any]:
+    """Flag, validate and report into ``output_dir`` (the audit's own folder, not yet shown);
+    ``published_dir`` is where readers will find it once it is switched in."""
+    published_dir = published_dir or output_dir
     plan = _load_plan(results_uri, audit_key)
     result = report_audit(plan, output_dir, flag, validate_results, extra_expectations, log_to_mlflow)
     summary, validation, run = result["summary"], result["validation"], result["mlflow_run"]
@@ -127,7 +140,7 @@ def report_task(results_uri: str, audit_key: str, output_dir: str, flag: dict[st
         f"* rows flagged: **{summary['flagged']}** ({summary['flagged_share']:.1%}) — {_md(summary['policy'])}",
         f"* checkpoints: {len(plan.checkpoints)}",
         f"* data validation (Great Expectations): {gx_line}",
-        f"* report: {_md(result['files']['report.html'])}",
+        f"* report: {_md(os.path.join(published_dir, 'report.html'))}",
     ]
     if run:
         lines.append(f"* MLflow audit run: {_md(run['run_id'])}")
@@ -145,7 +158,7 @@ def report_task(results_uri: str, audit_key: str, output_dir: str, flag: dict[st
     if run and run.get("report_url"):
         create_link_artifact(run["report_url"], link_text="Audit report in MLflow", key="tracin-report")
     else:
-        create_link_artifact(Path(result["files"]["report.html"]).as_uri(), link_text="Audit report (local file)",
+        create_link_artifact(Path(published_dir, "report.html").as_uri(), link_text="Audit report (local file)",
                              key="tracin-report")
     return {k: result[k] for k in ("files", "summary", "validation", "mlflow_run", "data_docs")}
 
@@ -158,7 +171,7 @@ def relabel_task(results_uri: str, audit_key: str, output_dir: str, sinks: list[
 
     log = get_run_logger()
     plan = _load_plan(results_uri, audit_key)
-    batch = batch_for_audit(plan, output_dir, audit_run_id, with_features=bool(sinks))
+    batch = batch_for_audit(plan, output_dir, audit_run_id, with_features=bool(sinks))  # checks the manifest
     outcomes = push_flagged(batch, sinks, outbox_dir) if sinks else []
     for o in outcomes:
         if o["status"] == "delivered":
@@ -200,12 +213,17 @@ def audit_training_run(
     log_to_mlflow: bool = True,
     relabel: list[str] | None = None,
     outbox_dir: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    trusted_modules: list[str] | None = None,
+    max_parameters: int | None = None,
+    mlflow_secret_block: str | None = None,
 ) -> dict[str, Any]:
     """Audit one MLflow training run: score every row, flag the suspicious ones, validate, report.
 
     Args:
         run_id: the MLflow run to audit (logged with ``tracin_tasks.mlflow`` or compatible).
-        tracking_uri: where that run lives (default: MLflow's default tracking URI).
+        tracking_uri: where that run lives (default: MLflow's default tracking URI). No password:
+            see ``mlflow_secret_block``.
         layers: None for all layers, "last", or module names.
         batch_size: rows per forward/backward pass.
         shard_size: rows per cell; a cell is one checkpoint over one shard.
@@ -216,10 +234,12 @@ def audit_training_run(
         max_workers: threads, or local Dask workers.
         gpu: ask Dask/Ray for one GPU per cell (workers started with ``--resources GPU=1``).
         device: "cpu", "cuda" or None (each worker uses CUDA when it has it).
-        output_dir: where ``scores.parquet`` goes (default ``tracin-audit/<run_id>``).
+        output_dir: where the audit's files go (default ``tracin-audit/<run_id>``). The folder
+            shows one finished audit at a time; audits into it take turns.
         results_uri: where finished cells are stored (a folder or fsspec URL every worker can
             reach; default ``<output_dir>/cells``). Re-running the same audit skips finished cells.
-        model_factory: override the run's recorded ``module:function``.
+        model_factory: ``module:function`` that builds the model, instead of the one the run
+            recorded; yours, so trusted.
         allow_pickle: allow checkpoint files that need unpickling (trusted runs only).
         default_learning_rate: the learning rate of checkpoints the run logged none for (e.g. 1.0
             to weight every checkpoint equally); None refuses such a run with the fix.
@@ -237,15 +257,33 @@ def audit_training_run(
             Delivery is idempotent; a sink that is down keeps the rows in the outbox. The flow
             emits ``tracin.audit.flagged`` either way.
         outbox_dir: where rows for an unreachable sink wait (default ``<output_dir>/outbox``).
+        model_kwargs: keyword arguments (a JSON object) for ``model_factory``; without it, they
+            override those the run recorded for its factory.
+        trusted_modules: module prefixes whose model factories a run may name (added to
+            ``TRACIN_TRUSTED_MODULES``); empty by default, so a run's own factory is refused
+            until its module is trusted. See ``docs/security.md``.
+        max_parameters: ceiling on the model's and each checkpoint's elements, checked before
+            anything is allocated (default ``TRACIN_MAX_PARAMETERS`` or 10⁹).
+        mlflow_secret_block: name of a Prefect Secret block holding the tracking server's
+            password (or ``{"username": ..., "password": ...}``); otherwise MLflow's own
+            ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``.
 
     Returns:
         A summary: audit key, cell counts, paths of the outputs.
     """
+    from tracin_tasks.integrations.model_factory import FactoryTrust
+    from tracin_tasks.orchestration.outputs import OutputFolder
+
     log = get_run_logger()
+    if uri_secret(tracking_uri):
+        _forget_parameter("tracking_uri", tracking_uri)
     settings = AuditSettings(
         run_id=run_id, tracking_uri=tracking_uri, layers=layers, loss=loss, batch_size=batch_size,
         shard_size=shard_size, steps=steps, max_checkpoints=max_checkpoints, device=device,
         model_factory=model_factory, allow_pickle=allow_pickle, default_learning_rate=default_learning_rate,
+        model_kwargs=model_kwargs, max_parameters=max_parameters, mlflow_secret_block=mlflow_secret_block,
+        # resolved here, with this process's TRACIN_TRUSTED_MODULES: every worker applies the same policy
+        trusted_modules=FactoryTrust.from_settings(trusted_modules).modules,
     )
     choice = parse_task_runner(task_runner, max_workers, gpu)
     check_api_for(choice)
@@ -256,42 +294,60 @@ def audit_training_run(
     output_dir = os.path.abspath(output_dir or os.path.join("tracin-audit", run_id))
     outbox_dir = os.path.abspath(outbox_dir or os.path.join(output_dir, "outbox"))
     results_uri = results_uri or os.path.join(output_dir, "cells")
-    planned = plan_audit_task(settings.to_dict(), results_uri)
-    for warning in planned["warnings"]:
-        log.warning(warning)
-    counts = score_cells.with_options(
-        task_runner=make_task_runner(choice), name=f"tracin-score-cells ({choice.kind})"
-    )(results_uri, planned["audit_key"], planned["cells"], task_runner, max_workers, gpu)
-    scores_path = aggregate_task(results_uri, planned["audit_key"], output_dir)
-    summary = scores_summary(scores_path)
-    log.info(
-        "audited run %s: %d rows; %d cells computed, %d reused; scores in %s",
-        run_id, summary["rows"], counts["computed"], counts["skipped"], scores_path,
-    )
-    reported: dict[str, Any] = {}
-    if report:
-        reported = report_task(results_uri, planned["audit_key"], output_dir, flag, validate_results, extra_expectations,
-                               log_to_mlflow)
-        s_ = reported["summary"]
-        log.info("flagged %d of %d rows (%s); report: %s", s_["flagged"], s_["rows"], s_["policy"],
-                 reported["files"]["report.html"])
-        validation = reported["validation"]
-        if validation is not None and not validation["success"]:
-            failed = [f"{r['expectation']}({r.get('column') or ''})" for r in validation["results"] if not r["success"]]
-            message = (f"Great Expectations validation of the audit of run {run_id} failed: {', '.join(failed)}. "
-                       f"See {reported['files']['report.html']} and the Data Docs at {reported['data_docs']}.")
-            if on_validation_failure == "fail":
-                # nothing goes to the relabel sinks from an audit whose result did not validate
-                raise ValidationFailedError(message)
-            log.warning(message)
-        audit_run = reported["mlflow_run"]["run_id"] if reported.get("mlflow_run") else None
-        reported["relabel"] = relabel_task(results_uri, planned["audit_key"], output_dir, sinks, outbox_dir, audit_run,
-                                           s_["rows"])
+    apply_mlflow_credentials(settings.mlflow_secret_block)
+    output = OutputFolder(output_dir)
+    with output.lock(on_wait=log.info):
+        planned = plan_audit_task(settings.to_dict(), results_uri)
+        for warning in planned["warnings"]:
+            log.warning(warning)
+        key = planned["audit_key"]
+        counts = score_cells.with_options(
+            task_runner=make_task_runner(choice), name=f"tracin-score-cells ({choice.kind})"
+        )(results_uri, key, planned["cells"], task_runner, max_workers, gpu, settings.to_dict())
+        version = output.new_version(key)
+        try:
+            aggregate_task(results_uri, key, version)
+            reported: dict[str, Any] = {}
+            if report:
+                reported = report_task(results_uri, key, version, flag, validate_results, extra_expectations,
+                                       log_to_mlflow, output_dir)
+            output.publish(version, {"audit_key": key, "run_id": run_id, "settings_hash": settings.config_hash(),
+                                     "mlflow_run_id": (reported.get("mlflow_run") or {}).get("run_id")})
+        except BaseException:
+            output.discard(version)  # the folder keeps showing the previous audit
+            raise
+        scores_path = os.path.join(output_dir, "scores.parquet")
+        summary = scores_summary(scores_path)
+        log.info(
+            "audited run %s: %d rows; %d cells computed, %d reused; scores in %s",
+            run_id, summary["rows"], counts["computed"], counts["skipped"], scores_path,
+        )
+        if report:
+            reported["files"] = {name: os.path.join(output_dir, name) for name in reported["files"]}
+            s_ = reported["summary"]
+            log.info("flagged %d of %d rows (%s); report: %s", s_["flagged"], s_["rows"], s_["policy"],
+                     reported["files"]["report.html"])
+            validation = reported["validation"]
+            if reported.get("data_docs"):
+                reported["data_docs"] = os.path.join(output_dir, os.path.relpath(reported["data_docs"], version))
+                if validation is not None:
+                    validation["data_docs"] = reported["data_docs"]
+            if validation is not None and not validation["success"]:
+                failed = [f"{r['expectation']}({r.get('column') or ''})" for r in validation["results"] if not r["success"]]
+                message = (f"Great Expectations validation of the audit of run {run_id} failed: {', '.join(failed)}. "
+                           f"See {reported['files']['report.html']} and the Data Docs at {reported['data_docs']}.")
+                if on_validation_failure == "fail":
+                    # nothing goes to the relabel sinks from an audit whose result did not validate
+                    raise ValidationFailedError(message)
+                log.warning(message)
+            audit_run = reported["mlflow_run"]["run_id"] if reported.get("mlflow_run") else None
+            reported["relabel"] = relabel_task(results_uri, key, output_dir, sinks, outbox_dir, audit_run,
+                                               s_["rows"])
     return {
         **{k: v for k, v in reported.items() if k != "summary"},
         "flagged": reported["summary"]["flagged"] if reported else None,
         "run_id": run_id,
-        "audit_key": planned["audit_key"],
+        "audit_key": key,
         "output_dir": output_dir,
         "results_uri": results_uri,
         "scores": scores_path,
@@ -299,6 +355,24 @@ def audit_training_run(
         **counts,
         **summary,
     }
+
+
+def _forget_parameter(name: str, value: str) -> None:
+    """A parameter that carries a password: replace it in this flow run's stored parameters (best
+    effort; Prefect stored it before the flow could refuse it), then let the settings refuse it."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import get_run_context
+
+    from tracin_tasks._uris import uri_secret as secret_of
+
+    try:
+        context = get_run_context()
+        flow_run = context.flow_run
+        parameters = {**(flow_run.parameters or {}), name: value.replace(secret_of(value) or "", "***")}
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, parameters=parameters)
+    except Exception as exc:  # noqa: BLE001 - refusing the setting matters more than redacting the record
+        logger.warning("could not redact the %s parameter of this flow run: %s", name, type(exc).__name__)
 
 
 def find_latest_auditable_run(experiment_name: str, tracking_uri: str | None = None) -> str:
@@ -338,21 +412,35 @@ def audit_latest_run(
     output_root: str = "tracin-audit",
     results_uri: str | None = None,
     relabel: list[str] | None = None,
+    trusted_modules: list[str] | None = None,
+    model_factory: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    max_parameters: int | None = None,
+    mlflow_secret_block: str | None = None,
 ) -> dict[str, Any]:
     """Audit the latest finished run of an experiment (for a nightly schedule).
 
     Each audited run gets ``<output_root>/<run_id>``; re-auditing a run that was already audited
     with the same settings reuses every stored cell. Flagged rows go to the ``relabel`` sinks;
     rows for a sink that is down wait in ``<output_root>/outbox``, shared by every nightly run, so
-    the next night delivers them.
+    the next night delivers them. ``trusted_modules``, ``model_factory``, ``model_kwargs``,
+    ``max_parameters`` and ``mlflow_secret_block`` are passed to :func:`audit_training_run`.
     """
+    from tracin_tasks._uris import refuse_uri_credentials
+
+    if uri_secret(tracking_uri):
+        _forget_parameter("tracking_uri", tracking_uri)
+    refuse_uri_credentials(tracking_uri, "The tracking URI")
+    apply_mlflow_credentials(mlflow_secret_block)
     run_id = find_latest_auditable_run(experiment_name, tracking_uri)
     get_run_logger().info("latest finished run of %r is %s", experiment_name, run_id)
     return audit_training_run(
         run_id=run_id, tracking_uri=tracking_uri, layers=layers, max_checkpoints=max_checkpoints,
         task_runner=task_runner, max_workers=max_workers, gpu=gpu,
         output_dir=os.path.join(output_root, run_id), results_uri=results_uri,
-        relabel=relabel, outbox_dir=os.path.join(output_root, "outbox"),
+        relabel=relabel, outbox_dir=os.path.join(output_root, "outbox"), trusted_modules=trusted_modules,
+        model_factory=model_factory, model_kwargs=model_kwargs, max_parameters=max_parameters,
+        mlflow_secret_block=mlflow_secret_block,
     )
 
 
@@ -364,6 +452,9 @@ def relabel_flagged(run_id: str, audit_key: str, output_dir: str, results_uri: s
     automation in ``deployments/prefect.yaml``)."""
     from tracin_tasks.orchestration.relabel import batch_for_audit, push_flagged
 
+    for value in sinks or []:
+        if uri_secret(value):
+            _forget_parameter("sinks", "[redacted]")
     sinks = check_sinks(sinks)
     if not sinks:
         raise ConfigurationError("relabel-flagged needs at least one sink URI in `sinks`.")
@@ -380,15 +471,23 @@ def relabel_flagged(run_id: str, audit_key: str, output_dir: str, results_uri: s
 
 @flow(name="apply-relabels")
 def apply_relabels(run_id: str, queue: str, tracking_uri: str | None = None, output_dir: str | None = None,
-                   log_to_mlflow: bool = True) -> dict[str, Any]:
+                   log_to_mlflow: bool = True, mlflow_secret_block: str | None = None) -> dict[str, Any]:
     """Write the corrected training data of a run from the reviewers' decisions in ``queue``.
 
     The new version is logged to MLflow as a child run of ``run_id`` (see
-    :mod:`tracin_tasks.integrations.relabel.corrections`).
+    :mod:`tracin_tasks.integrations.relabel.corrections`). Neither URI may carry a password:
+    ``mlflow_secret_block`` names a Prefect Secret block with the tracking server's password, and
+    PostgreSQL reads its own from ``PGPASSWORD`` or ``~/.pgpass``.
     """
+    from tracin_tasks._uris import refuse_uri_credentials
     from tracin_tasks.integrations.relabel.corrections import apply_from_sink
 
+    for name, value in (("tracking_uri", tracking_uri), ("queue", queue)):
+        if uri_secret(value):
+            _forget_parameter(name, value)
+    refuse_uri_credentials(tracking_uri, "The tracking URI")
     check_sinks(queue)
+    apply_mlflow_credentials(mlflow_secret_block)
     result = apply_from_sink(run_id, queue, tracking_uri=tracking_uri, output_dir=output_dir,
                              log_to_mlflow=log_to_mlflow)
     get_run_logger().info(

@@ -41,7 +41,16 @@ class AuditSettings:
         steps: checkpoints to use: None (all), a list of steps, or "every:K".
         max_checkpoints: keep at most this many checkpoints, evenly spaced.
         device: "cpu", "cuda", or None (CUDA when the worker has it).
-        model_factory: override the run's recorded "module:function".
+        model_factory: override the run's recorded "module:function" (the caller's choice: trusted).
+        model_kwargs: keyword arguments for ``model_factory`` (a JSON object); without
+            ``model_factory``, they override those the run recorded for its own factory.
+        trusted_modules: module prefixes whose model factories a run may name; the flow stores
+            them resolved (its own ``TRACIN_TRUSTED_MODULES`` included), so every worker applies
+            the same policy.
+        max_parameters: ceiling on the model's and each checkpoint's elements (None: the
+            worker's ``TRACIN_MAX_PARAMETERS`` or 10⁹).
+        mlflow_secret_block: a Prefect Secret block holding the tracking server's password (or
+            ``{"username": ..., "password": ...}``); read by each process that talks to MLflow.
         allow_pickle: allow checkpoint files that need unpickling.
         default_learning_rate: the learning rate of checkpoints the run logged none for; None
             (the default) refuses them, 1.0 weights every such checkpoint equally.
@@ -59,10 +68,30 @@ class AuditSettings:
     model_factory: str | None = None
     allow_pickle: bool = False
     default_learning_rate: float | None = None
+    model_kwargs: dict[str, Any] | None = None
+    trusted_modules: tuple[str, ...] = ()
+    max_parameters: int | None = None
+    mlflow_secret_block: str | None = None
 
     def __post_init__(self) -> None:
+        from tracin_tasks._uris import refuse_uri_credentials
+        from tracin_tasks.integrations.model_factory import (
+            check_max_parameters,
+            check_model_kwargs,
+            parse_trusted_modules,
+        )
+
         if not isinstance(self.run_id, str) or not self.run_id.strip():
             raise ConfigurationError(f"run_id must be a non-empty string, got {self.run_id!r}.")
+        refuse_uri_credentials(self.tracking_uri, "The tracking URI")
+        object.__setattr__(self, "trusted_modules", parse_trusted_modules(self.trusted_modules))
+        object.__setattr__(self, "max_parameters", check_max_parameters(self.max_parameters))
+        kwargs = check_model_kwargs(self.model_kwargs)
+        object.__setattr__(self, "model_kwargs", kwargs or None)
+        if self.mlflow_secret_block is not None and (not isinstance(self.mlflow_secret_block, str)
+                                                     or not self.mlflow_secret_block.strip()):
+            raise ConfigurationError(f"mlflow_secret_block must be a Prefect Secret block name, got "
+                                     f"{self.mlflow_secret_block!r}.")
         if isinstance(self.layers, list):
             object.__setattr__(self, "layers", tuple(self.layers))
         if isinstance(self.steps, list):
@@ -86,6 +115,7 @@ class AuditSettings:
         d = asdict(self)
         d["layers"] = list(self.layers) if isinstance(self.layers, tuple) else self.layers
         d["steps"] = list(self.steps) if isinstance(self.steps, tuple) else self.steps
+        d["trusted_modules"] = list(self.trusted_modules)
         return d
 
     @classmethod
@@ -94,8 +124,11 @@ class AuditSettings:
 
     def scoring_fields(self) -> dict[str, Any]:
         """The settings that change a cell's scores (not batch size, device or sharding)."""
-        return {"run_id": self.run_id, "layers": self.to_dict()["layers"], "loss": self.loss,
-                "model_factory": self.model_factory}
+        fields = {"run_id": self.run_id, "layers": self.to_dict()["layers"], "loss": self.loss,
+                  "model_factory": self.model_factory}
+        if self.model_kwargs:
+            fields["model_kwargs"] = self.model_kwargs
+        return fields
 
     def config_hash(self) -> str:
         """A stable hash of the settings that change scores."""
@@ -142,9 +175,11 @@ class AuditPlan:
     cells: tuple[Cell, ...]
     checkpoints: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    model: dict[str, Any] | None = None  # the ModelSpec the plan was checked with: every cell builds this
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "model": self.model,
             "settings": self.settings.to_dict(),
             "audit_key": self.audit_key,
             "fingerprint": self.fingerprint,
@@ -164,6 +199,7 @@ class AuditPlan:
             cells=tuple(Cell.from_dict(c) for c in d["cells"]),
             checkpoints=tuple(d.get("checkpoints", ())),
             warnings=tuple(d.get("warnings", ())),
+            model=d.get("model"),
         )
 
 
@@ -173,6 +209,7 @@ def plan_cells(
     n_rows: int,
     fingerprint: str,
     warnings: Sequence[str] = (),
+    model: dict[str, Any] | None = None,
 ) -> AuditPlan:
     """Split the audit into checkpoint × shard cells.
 
@@ -181,12 +218,16 @@ def plan_cells(
         checkpoints: one dict per checkpoint with ``step``, ``learning_rate``, ``kind``, ``location``.
         n_rows: rows in the training data.
         fingerprint: content hash of the training data.
+        warnings: said to the user with the result.
+        model: the model spec (factory, kwargs, origin) the cells build; part of every key.
     """
     if not checkpoints:
         raise ConfigurationError("An audit needs at least one checkpoint.")
     if n_rows < 1:
         raise ConfigurationError("An audit needs at least one training row.")
     base = {**settings.scoring_fields(), "fingerprint": fingerprint}
+    if model is not None:
+        base["model"] = {k: model[k] for k in ("factory", "kwargs")}
     audit_key = stable_hash({**base, "checkpoints": [
         {k: c[k] for k in ("step", "learning_rate", "kind", "location")} for c in checkpoints
     ]})
@@ -198,4 +239,4 @@ def plan_cells(
                                "location": c["location"], "rows": [start, stop]}, 12)
             cells.append(Cell(int(c["step"]), float(c["learning_rate"]), c["kind"], c["location"], start, stop, key))
     return AuditPlan(settings, audit_key, fingerprint, n_rows, tuple(cells), tuple(dict(c) for c in checkpoints),
-                     tuple(warnings))
+                     tuple(warnings), model)

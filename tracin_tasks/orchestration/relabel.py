@@ -32,6 +32,8 @@ def check_sinks(sinks: list[str] | str | None) -> list[str]:
         return []
     if isinstance(sinks, str):
         sinks = [sinks]
+    from tracin_tasks._uris import SINK_CREDENTIALS_ADVICE, refuse_uri_credentials
+
     out = []
     for uri in sinks:
         if not isinstance(uri, str) or "://" not in uri and not uri.startswith("sqlite:"):
@@ -39,14 +41,22 @@ def check_sinks(sinks: list[str] | str | None) -> list[str]:
                 f"Relabel sink {redact(str(uri))!r} is not a URI; expected sqlite:///queue.db, "
                 "postgresql+psycopg://…, labelstudio://host:port?project=…, or file:///folder."
             )
+        refuse_uri_credentials(uri, "The relabel sink URI", SINK_CREDENTIALS_ADVICE)
         out.append(uri)
     return out
 
 
 def batch_for_audit(plan: AuditPlan, output_dir: str, audit_run_id: str | None = None,
                     with_features: bool = True) -> FlaggedBatch:
-    """The flagged rows of a finished audit (its ``issues.parquet``), with each row's model input."""
-    path = os.path.join(output_dir, "issues.parquet")
+    """The flagged rows of a finished audit (its ``issues.parquet``), with each row's model input.
+
+    ``output_dir`` is the audit's output folder: the audit is found there by its key and checked
+    against its manifest, so a later audit into the same folder is never sent instead.
+    """
+    from tracin_tasks.orchestration.outputs import find_finished_audit
+
+    folder, _ = find_finished_audit(output_dir, plan.audit_key)
+    path = os.path.join(folder, "issues.parquet")
     if not os.path.exists(path):
         raise DataError(f"{path} does not exist: the audit has not flagged rows yet (run it with report=True).")
     issues = pd.read_parquet(path)

@@ -3,6 +3,8 @@
 Per dataset version (fingerprint) the folder holds:
 
 * ``flagged_<fp>.parquet`` (or ``.csv``): the flagged rows, one per row id, most suspicious first.
+  In CSV, a text cell that a spreadsheet would run as a formula (``=``, ``+``, ``-``, ``@``...)
+  starts with ``'``; reading the file back (and a decisions CSV) removes it again.
   A re-delivery merges by row id (score and rank refreshed, ``first_flagged_at`` kept), so the
   file never holds a row twice. Written to a temporary name and renamed.
 * ``decisions_<fp>.csv`` or ``.parquet``, written by the team: ``row_id``, ``status``
@@ -20,6 +22,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pandas as pd
 
+from tracin_tasks._text import csv_frame, from_csv_frame
 from tracin_tasks.exceptions import ConfigurationError, DataError, SinkUnavailableError
 from tracin_tasks.integrations.relabel.base import Decision, Delivery, FlaggedBatch, utcnow
 
@@ -49,7 +52,7 @@ class FileDrop:
 
     def _read(self, path: str) -> pd.DataFrame:
         if path.endswith(".csv"):
-            return pd.read_csv(path, dtype={"row_id": str})
+            return from_csv_frame(pd.read_csv(path, dtype={"row_id": str}))
         return pd.read_parquet(path)
 
     def deliver(self, batch: FlaggedBatch) -> Delivery:
@@ -79,7 +82,7 @@ class FileDrop:
             merged = merged.sort_values(["rank", "row_id"], kind="stable").reset_index(drop=True)
             tmp = os.path.join(self.folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
             if self.format == "csv":
-                merged.to_csv(tmp, index=False)
+                csv_frame(merged).to_csv(tmp, index=False)  # no cell a spreadsheet would run as a formula
             else:
                 merged.to_parquet(tmp, index=False)
             os.replace(tmp, path)
