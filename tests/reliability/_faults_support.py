@@ -123,8 +123,10 @@ def prefect_api(request) -> str:
 class MlflowServer:
     """``mlflow server`` on 127.0.0.1, sqlite backend, artifacts under ``root``; crashable, restartable."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, app_name: str | None = None, env: dict[str, str] | None = None):
         self.root = root
+        self.app_name = app_name  # "basic-auth": MLflow's own authentication
+        self.extra_env = dict(env or {})
         self.port = orch.free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.db = root / "srv.db"
@@ -136,10 +138,10 @@ class MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items()
                if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PYTEST_CURRENT_TEST")}
-        env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1")
+        env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", **self.extra_env)
         cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--backend-store-uri", f"sqlite:///{self.db}", "--artifacts-destination", str(self.artifacts),
-               "--workers", "1"]
+               "--workers", "1", *(["--app-name", self.app_name] if self.app_name else [])]
         self.starts += 1
         with open(self.root / f"server-{self.starts}.log", "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -161,15 +161,17 @@ def tracking_uri_set(uri: str) -> Iterator[None]:
 class MlflowStore:
     """An MLflow sqlite store and its artifact folder; logs small training runs with defects on demand."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, tracking_uri: str | None = None):
         import mlflow
 
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
-        self.uri = f"sqlite:///{root / 'mlflow.db'}"
+        self.uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
         self.client = mlflow.MlflowClient(tracking_uri=self.uri)
         self.experiment_id = self.client.create_experiment(
-            f"reliability-{uuid.uuid4().hex[:8]}", artifact_location=(root / "artifacts").as_uri()
+            f"reliability-{uuid.uuid4().hex[:8]}",
+            # a tracking server keeps artifacts where it was told to
+            artifact_location=None if tracking_uri else (root / "artifacts").as_uri(),
         )
 
     # -- whole runs ---------------------------------------------------------------------------
@@ -317,11 +319,12 @@ def cli_audit_args(run: LoggedRun, output_dir: Path, *extra: str) -> list[str]:
 
 def leftovers(output_dir: Path) -> list[str]:
     """Files a failed audit left under ``output_dir`` that are, or look like, results: everything
-    but a plan (``<results>/<audit key>/plan.json``, which marks nothing as finished)."""
+    but a plan (``<results>/<audit key>/plan.json``) and the folder's lock (``.audit/lock``), which
+    mark nothing as finished."""
     if not output_dir.exists():
         return []
     return sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*")
-                  if p.is_file() and p.name != "plan.json")
+                  if p.is_file() and p.name != "plan.json" and p.relative_to(output_dir).as_posix() != ".audit/lock")
 
 
 def expected_scores(run: LoggedRun, **source_kwargs: Any) -> pd.Series:

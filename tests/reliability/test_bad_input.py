@@ -408,17 +408,18 @@ def test_results_store_not_writable(good_run, tmp_path):
 
 
 def test_output_folder_not_writable(good_run, tmp_path):
-    """The cells are computed into a writable store; the scores cannot be written: a typed error,
-    nothing half-written, and the re-run into a writable folder only aggregates."""
+    """The output folder is taken (its lock) before any work: a typed error before a cell is
+    computed, nothing written anywhere; the re-run into a writable folder computes every cell."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     cells = tmp_path / "cells"
     with pytest.raises(OutputWriteError) as info:
         audit(good_run, blocker / "out", results_uri=str(cells))
-    assert "Could not write" in str(info.value) and "Choose an output folder" in str(info.value)
+    assert "Cannot use the output folder" in str(info.value) and "Choose an output folder" in str(info.value)
     assert blocker.read_text() == "not a folder"
+    assert not cells.exists()
     result = audit(good_run, tmp_path / "out", results_uri=str(cells))
-    assert result["computed"] == 0 and result["skipped"] == result["cells"]
+    assert result["computed"] == result["cells"] and result["skipped"] == 0
     assert_scores_match(result, good_run)
 
 

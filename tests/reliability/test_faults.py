@@ -203,8 +203,9 @@ def _cut_at_cell(monkeypatch, gate: support.TcpGate, nth: int) -> dict:
 
 def test_tracking_server_down_for_good_fails_clearly_without_a_report(server, monkeypatch, instant_task_retries,
                                                                        tmp_path):
-    """Unreachable from the 3rd of 6 cells on, never back: a typed error naming the URI without its
-    password, no report; once the server answers again, a re-run reuses the 2 stored cells.
+    """Unreachable from the 3rd of 6 cells on, never back: a typed error naming the URI (never the
+    password of MLFLOW_TRACKING_PASSWORD), no report; once the server answers again, a re-run reuses
+    the 2 stored cells.
 
     The audit reaches the server through a TCP gate that is closed (new connections refused, open
     ones cut: what a client sees of a server that died), so the server need not be restarted.
@@ -215,7 +216,9 @@ def test_tracking_server_down_for_good_fails_clearly_without_a_report(server, mo
     monkeypatch.setenv("TRACIN_TASKS_MLFLOW_BACKOFF", "0.1")
     gate = support.TcpGate(server.server.port)
     seen = _cut_at_cell(monkeypatch, gate, nth=3)
-    uri = gate.uri.replace("http://", f"http://auditor:{SECRET}@")  # the server ignores them
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "auditor")  # the server ignores them
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", SECRET)
+    uri = gate.uri
     out = tmp_path / "out"
     results = tmp_path / "cells"
     state = audit(uri, server.run_id, out, str(results), shard_size=900, report=True, validate_results=True)
@@ -223,7 +226,7 @@ def test_tracking_server_down_for_good_fails_clearly_without_a_report(server, mo
         state.result()
     assert seen["cells"] >= 3
     message = str(info.value)
-    assert f"http://auditor:***@127.0.0.1:{gate.port}" in message and "did not answer" in message
+    assert f"http://127.0.0.1:{gate.port}" in message and "did not answer" in message
     assert SECRET not in message and "TRACIN_TASKS_MLFLOW_RETRIES" in message
     assert info.value.__cause__ is None or SECRET not in str(info.value.__cause__)
     assert_no_outputs(out)

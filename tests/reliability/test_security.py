@@ -19,7 +19,11 @@ import io
 import json
 import pickle
 import sqlite3
+import os
 import traceback
+import urllib.error
+import urllib.request
+import uuid
 import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -211,7 +215,7 @@ def test_no_unpickling_call_in_the_package_outside_the_opt_in():
             if name in ("np.load", "numpy.load"):
                 value = kwargs.get("allow_pickle")
                 assert isinstance(value, ast.Constant) and value.value is False, where
-    assert set(opt_in) == {("mlflow_source.py", "_load_weights")}, opt_in
+    assert set(opt_in) == {("weights.py", "_trusted_load")}, opt_in
 
 
 # -- escaping -------------------------------------------------------------------------------------
@@ -326,9 +330,44 @@ def test_sql_is_built_with_sqlalchemy_core_and_bound_parameters():
 
 # -- secrets --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def secret_audit(api, tmp_path_factory):
-    """The CLI audits the server run with a password in the tracking URI and MLFLOW_TRACKING_PASSWORD
-    set (the server has no auth and ignores both): report, Great Expectations, MLflow child run."""
+def auth_server(tmp_path_factory):
+    """A real ``mlflow server --app-name basic-auth`` whose only user is ``auditor`` (password
+    ENV_SECRET), with a small iris run logged through it with those credentials."""
+    from .conftest import MlflowStore
+
+    root = tmp_path_factory.mktemp("auth-server")
+    ini = root / "basic_auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                   f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = auditor\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    server = support.MlflowServer(root / "server", app_name="basic-auth", env={
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": ENV_SECRET,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex})
+    server.start()
+    try:
+        server.wait_healthy()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_TRACKING_USERNAME", "auditor")
+            mp.setenv("MLFLOW_TRACKING_PASSWORD", ENV_SECRET)
+            run = MlflowStore(root / "client", tracking_uri=server.uri).log_run(name="behind-auth")
+        yield server, run
+    finally:
+        server.stop()
+
+
+def _prefect_database() -> Path:
+    import prefect.settings
+
+    url = str(prefect.settings.PREFECT_API_DATABASE_CONNECTION_URL.value() or "")
+    if "sqlite" not in url:
+        pytest.skip(f"the Prefect test server's database is not a sqlite file ({url.split(':')[0]})")
+    return Path(url.split(":///", 1)[1])
+
+
+@pytest.fixture(scope="module")
+def secret_audit(api, auth_server, tmp_path_factory):
+    """The CLI audits the run behind the authenticating server, its credentials in
+    MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD: report, Great Expectations, MLflow child run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -339,15 +378,14 @@ def secret_audit(api, tmp_path_factory):
         LogFilterFlowRunId,
     )
 
-    run = support.server_run()
+    server, run = auth_server
     root = tmp_path_factory.mktemp("secret-audit")
     home = root / "state"
     env = support.child_env(home, api, MLFLOW_TRACKING_USERNAME="auditor", MLFLOW_TRACKING_PASSWORD=ENV_SECRET)
-    uri = run.server.uri.replace("http://", f"http://auditor:{URI_SECRET}@")
     out = root / "out"
     started = datetime.now(timezone.utc)
-    proc = support.start_cli(["audit", "--run-id", run.run_id, "--tracking-uri", uri, "--output", str(out),
-                              "--shard-size", "900"], env, root / "logs")
+    proc = support.start_cli(["audit", "--run-id", run.run_id, "--tracking-uri", server.uri, "--output", str(out)],
+                             env, root / "logs")
     proc.wait(timeout=600)
     stdout = (root / "logs" / "cli.out").read_text(errors="replace")
     stderr = (root / "logs" / "cli.err").read_text(errors="replace")
@@ -361,19 +399,19 @@ def secret_audit(api, tmp_path_factory):
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=ids))) if ids else []
     return {"code": proc.returncode, "stdout": stdout, "stderr": stderr, "out": out, "home": home, "run": run,
-            "flow_runs": mine, "logs": [l.message for l in logs],
+            "server": server, "flow_runs": mine, "logs": [l.message for l in logs],
             "artifacts": [json.dumps(a.data, default=str) + (a.description or "") for a in artifacts]}
 
 
 def _secret_hits(audit_, secret: str) -> dict[str, list[str]]:
-    run = audit_["run"]
+    server = audit_["server"]
     needle = secret.encode()
     forms = (secret, base64.b64encode(f"auditor:{secret}".encode()).decode())
     hits = {
         "output folder": support.files_containing(audit_["out"], needle),
-        "MLflow artifacts": support.files_containing(run.server.artifacts, needle),
-        "MLflow database and server logs": support.files_containing(run.server.root, needle),
+        "MLflow artifacts, database and server logs": support.files_containing(server.root, needle),
         "download cache and state": support.files_containing(audit_["home"], needle),
+        "Prefect database": support.files_containing(_prefect_database().parent, needle),
         "CLI stdout/stderr": [n for n in ("stdout", "stderr") if any(f in audit_[n] for f in forms)],
         "Prefect logs": [m for m in audit_["logs"] if any(f in m for f in forms)],
         "Prefect artifacts": [a for a in audit_["artifacts"] if any(f in a for f in forms)],
@@ -383,13 +421,7 @@ def _secret_hits(audit_, secret: str) -> dict[str, list[str]]:
     return {k: v for k, v in hits.items() if v}
 
 
-#: where the tracking URI's password is known to persist (see docs/security.md, "Open findings"):
-#: the plan stores the audit settings, the tracking URI included, for the cells to read; Prefect
-#: stores the flow's parameters.
-KNOWN_URI_PASSWORD_PLACES = {"output folder", "Prefect flow-run parameters"}
-
-
-def test_audit_with_planted_secrets_succeeds(secret_audit):
+def test_audit_behind_an_authenticating_server_succeeds(secret_audit):
     assert secret_audit["code"] == 0, secret_audit["stderr"][-4000:]
     assert "validation: passed" in secret_audit["stdout"]
     assert (secret_audit["out"] / "report.html").is_file()
@@ -397,24 +429,85 @@ def test_audit_with_planted_secrets_succeeds(secret_audit):
     assert secret_audit["logs"] and secret_audit["flow_runs"], "nothing read back from Prefect"
 
 
+def test_the_server_really_refuses_requests_without_the_credentials(auth_server):
+    server, run = auth_server
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{server.uri}/api/2.0/mlflow/runs/get?run_id={run.run_id}", timeout=30)
+    assert info.value.code == 401
+
+
 def test_environment_password_appears_nowhere(secret_audit):
+    """Not in any output, plan, cache, MLflow store, the Prefect database file, log, artifact,
+    parameter or message."""
     assert _secret_hits(secret_audit, ENV_SECRET) == {}
 
 
-def test_tracking_uri_password_appears_in_no_report_artifact_log_or_message(secret_audit):
-    hits = _secret_hits(secret_audit, URI_SECRET)
-    assert set(hits) <= KNOWN_URI_PASSWORD_PLACES, hits
-    assert [Path(p).name for p in hits.get("output folder", [])] in ([], ["plan.json"]), hits
-    assert f"http://auditor:***@127.0.0.1:{secret_audit['run'].server.port}" in (secret_audit["out"] /
-                                                                                 "report.html").read_text()
+def test_password_in_the_tracking_uri_is_refused_before_anything_stores_it(api, auth_server, tmp_path):
+    """The CLI refuses it with one clear message (exit 2) and writes nothing; the password is then
+    in no file of the output folder, the state, the MLflow server or the Prefect database."""
+    server, run = auth_server
+    home = tmp_path / "state"
+    uri = server.uri.replace("http://", f"http://auditor:{URI_SECRET}@")
+    out = tmp_path / "out"
+    proc = support.start_cli(["audit", "--run-id", run.run_id, "--tracking-uri", uri, "--output", str(out)],
+                             support.child_env(home, api), tmp_path / "logs")
+    proc.wait(timeout=300)
+    stderr = (tmp_path / "logs" / "cli.err").read_text(errors="replace")
+    assert proc.returncode == 2, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: --tracking-uri 'http://auditor:***@127.0.0.1:"), errors
+    assert "MLFLOW_TRACKING_PASSWORD" in errors[0] and "--mlflow-secret-block" in errors[0]
+    assert not out.exists()
+    needle = URI_SECRET.encode()
+    assert support.files_containing(tmp_path, needle) == []
+    assert support.files_containing(server.root, needle) == []
+    assert support.files_containing(_prefect_database().parent, needle) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "plan.json (results store) and Prefect's flow-run parameters keep the tracking URI verbatim, password "
-    "included. Fix at the edge (plan.AuditSettings / flows): refuse a password in tracking_uri and take "
-    "credentials from MLFLOW_TRACKING_USERNAME/PASSWORD or a Prefect Secret block."))
-def test_tracking_uri_password_is_not_persisted_anywhere(secret_audit):
-    assert _secret_hits(secret_audit, URI_SECRET) == {}
+def test_the_flow_refuses_a_password_and_redacts_its_stored_parameter(api, auth_server, tmp_path):
+    """Called as a flow (Python, a deployment), Prefect stores the parameters before the flow runs:
+    the flow refuses the URI and overwrites its own stored parameter."""
+    from prefect.client.orchestration import get_client
+
+    from tracin_tasks.exceptions import CredentialsInUriError
+    from tracin_tasks.orchestration import audit_training_run
+
+    server, run = auth_server
+    uri = server.uri.replace("http://", f"http://auditor:{URI_SECRET}@")
+    state = audit_training_run(run_id=run.run_id, tracking_uri=uri, output_dir=str(tmp_path / "out"),
+                               return_state=True)
+    with pytest.raises(CredentialsInUriError) as info:
+        state.result()
+    assert URI_SECRET not in str(info.value)
+    with get_client(sync_client=True) as client:
+        stored = client.read_flow_run(state.state_details.flow_run_id).parameters
+    assert URI_SECRET not in json.dumps(stored) and stored["tracking_uri"].startswith("http://auditor:***@")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_password_can_come_from_a_prefect_secret_block(api, auth_server, tmp_path, monkeypatch):
+    """``mlflow_secret_block``: the flow reads the password from a Prefect Secret block; nothing
+    else holds it (the MLflow variables are unset here, so only the block can have supplied it)."""
+    from prefect.blocks.system import Secret
+
+    from tracin_tasks.orchestration import audit_training_run
+    from tracin_tasks.orchestration.cells import _load_mlflow_credentials
+
+    server, run = auth_server
+    name = f"mlflow-auditor-{uuid.uuid4().hex[:6]}"
+    Secret(value={"username": "auditor", "password": ENV_SECRET}).save(name)
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    _load_mlflow_credentials.cache_clear()
+    try:
+        result = audit_training_run(run_id=run.run_id, tracking_uri=server.uri, output_dir=str(tmp_path / "out"),
+                                    report=False, batch_size=64, mlflow_secret_block=name)
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+        os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+        _load_mlflow_credentials.cache_clear()
+    assert result["rows"] == len(run.frame)
+    assert support.files_containing(tmp_path, ENV_SECRET.encode()) == []
 
 
 def test_tracking_errors_never_quote_the_password(tmp_path):
