@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
-from tracin_tasks.exceptions import require_extra
+from tracin_tasks.exceptions import TrackingServerUnavailableError, require_extra
 
 mlflow = require_extra("mlflow", "mlflow")
 
@@ -32,7 +32,32 @@ def ui_url(tracking_uri: str | None, experiment_id: str, run_id: str, artifact: 
     return f"{url}/artifacts/{artifact}" if artifact else url
 
 
-def log_audit(
+def log_audit(*, training_run_id: str, tracking_uri: str | None, **kwargs: Any) -> dict[str, Any]:
+    """Create the audit's child run and log report, tables, plots, validation and metrics.
+
+    Keyword arguments are those of :func:`_log_audit`. A tracking server that stops answering
+    while this runs is a :class:`TrackingServerUnavailableError` (the audit is then not published).
+
+    Returns:
+        ``{"run_id", "experiment_id", "ui_url", "report_url"}`` of the audit run.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from tracin_tasks.integrations.mlflow_source import _is_connection_problem, display_uri
+
+    try:
+        return _log_audit(training_run_id=training_run_id, tracking_uri=tracking_uri, **kwargs)
+    except (MlflowException, OSError) as exc:
+        if not (isinstance(exc, OSError) or _is_connection_problem(exc)):
+            raise
+        raise TrackingServerUnavailableError(
+            f"The MLflow tracking server at {display_uri(tracking_uri)} did not answer while the audit of run "
+            f"{training_run_id} was logged to it ({type(exc).__name__}). The audit was not published. Re-run it "
+            "once the server answers: its cells are stored, so it only aggregates and reports again."
+        ) from None
+
+
+def _log_audit(
     *,
     training_run_id: str,
     tracking_uri: str | None,
@@ -44,11 +69,6 @@ def log_audit(
     validation: dict[str, Any] | None,
     data_docs_dir: str | None,
 ) -> dict[str, Any]:
-    """Create the audit's child run and log report, tables, plots, validation and metrics.
-
-    Returns:
-        ``{"run_id", "experiment_id", "ui_url", "report_url"}`` of the audit run.
-    """
     if tracking_uri and "@" in urlsplit(tracking_uri).netloc:
         # MLflow prints "View run … at: <tracking URI>/#/…" to stdout when a run ends, password
         # included; the audit reports its own link (ui_url, without credentials) instead

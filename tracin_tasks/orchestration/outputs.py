@@ -303,8 +303,8 @@ def find_finished_audit(output_dir: str, audit_key: str | None = None) -> tuple[
             continue
         verify_audit(folder, manifest)
         return folder, manifest
-    what = f"audit {audit_key}" if audit_key else "a finished audit"
+    what = f"finished audit {audit_key}" if audit_key else "finished audit"
     raise UnfinishedAuditError(
-        f"{output.path} holds no finished {what} (no {MANIFEST} naming it): the audit has not finished, failed, or "
-        "was replaced by later ones. Run the audit (again)."
+        f"{output.path} holds no {what} (no {MANIFEST} naming it): the audit has not finished, failed, or was "
+        "replaced by later ones. Run the audit (again)."
     )
