@@ -76,3 +76,15 @@ def test_relabel_automation_matches_what_the_audit_emits():
         assert f'"{key}":' in source, f"the audit's event has no payload key {key!r}"
     for sink in deployment["parameters"]["sinks"]:
         assert "api_key" not in sink and "secret_block=" in sink  # credentials never in parameters
+
+
+#: parameters that decide which code an audit runs or what it may read: the operator sets them in
+#: the deployment, and no event may (whoever can emit an event would choose the code)
+OPERATOR_ONLY = {"trusted_modules", "model_factory", "model_kwargs", "allow_pickle", "max_parameters",
+                 "mlflow_secret_block"}
+
+
+@pytest.mark.parametrize("deployment", SPEC["deployments"], ids=lambda d: d["name"])
+def test_no_trigger_chooses_code_or_trust(deployment):
+    for trigger in deployment.get("triggers", []):
+        assert not OPERATOR_ONLY & set(trigger.get("parameters", {})), trigger["parameters"]

@@ -63,6 +63,15 @@ def csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def write_csv(frame: pd.DataFrame, target: Any) -> None:
+    """``frame`` as CSV that a spreadsheet opens safely: formula-like cells neutralised
+    (:func:`csv_frame`), every text cell quoted, so a carriage return or newline inside an id
+    stays inside its cell."""
+    import csv
+
+    csv_frame(frame).to_csv(target, index=False, quoting=csv.QUOTE_NONNUMERIC)
+
+
 def from_csv_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """A frame read back from a CSV written with :func:`csv_frame`."""
     import pandas as pd

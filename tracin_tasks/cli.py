@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tracin_tasks._text import csv_frame, for_terminal
+from tracin_tasks._text import for_terminal, write_csv
 
 _QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -458,7 +458,7 @@ def run_relabel(args: argparse.Namespace) -> int:
             cols = ["row_id", "rank", "score", "given_label", "suggested_label", "status", "decided_label",
                     "claimed_by", "decided_by", "run_id", "fingerprint"]
             if args.format == "csv":
-                csv_frame(rows).to_csv(sys.stdout, index=False)  # no cell a spreadsheet would run as a formula
+                write_csv(rows, sys.stdout)  # no cell a spreadsheet would run as a formula
             elif args.format == "json":
                 print(rows.to_json(orient="records", date_format="iso"))
             else:

@@ -29,6 +29,7 @@ SHARD = 300
 BATCH = 60  # divides SHARD, so cells batch rows exactly as the direct computation does
 SLOW_FACTORY = "slow_digits_factory:build_mlp_slowly"
 SLOW_FACTORY_SOURCE = """
+import os
 import time
 
 from tracin_tasks.examples.digits import build_mlp
@@ -36,6 +37,10 @@ from tracin_tasks.examples.digits import build_mlp
 
 def build_mlp_slowly(**kwargs):
     time.sleep(0.5)
+    # while this file exists, builds wait: a cell stays running until the test has killed its worker
+    hold = os.environ.get("DISTRIBUTED_FACTORY_HOLD")
+    while hold and os.path.exists(hold):
+        time.sleep(0.05)
     return build_mlp(**kwargs)
 """
 N_CELLS = 18  # 3 checkpoints x ceil(1797 / 300)
@@ -57,7 +62,7 @@ def cluster(support, digits_run, tmp_path_factory):
     models = root / "models"
     models.mkdir()
     (models / "slow_digits_factory.py").write_text(SLOW_FACTORY_SOURCE)
-    env = support.subprocess_env(home, PREFECT_API_URL=api)
+    env = support.subprocess_env(home, PREFECT_API_URL=api, DISTRIBUTED_FACTORY_HOLD=str(root / "hold"))
     env["PYTHONPATH"] = os.pathsep.join([str(models), env["PYTHONPATH"]])
 
     procs: dict[str, subprocess.Popen] = {}
@@ -181,6 +186,9 @@ def test_audit_survives_a_killed_worker(cluster, digits_run, support, capsys, mo
             assert audit.poll() is None, f"the audit ended before any cell was stored:\n{output(cluster['root'])}"
             assert time.monotonic() < deadline, "no cell stored within 300 s"
             time.sleep(0.1)
+        # from now on every model build waits: the next cells stay running, so one is surely caught
+        hold = cluster["root"] / "hold"
+        hold.touch()
         finder = VictimFinder(cluster["scheduler"], cluster["api"], out)
         try:
             victim = None
@@ -191,6 +199,7 @@ def test_audit_survives_a_killed_worker(cluster, digits_run, support, capsys, mo
             os.kill(procs[name].pid, signal.SIGKILL)
         finally:
             finder.close()
+            hold.unlink(missing_ok=True)
         procs[name].wait(timeout=30)
         assert not cell_file(out, cell), "the worker was killed before its cell was stored"
         audit.wait(timeout=420)

@@ -56,6 +56,7 @@ CELL_FIELDS = ("squared_norm", "loss", "margin", "predicted", "confidence")
 # -- a model factory slow enough to be interrupted ------------------------------------------------
 SLOW_FACTORY = "reliability_slow_factory:build_mlp_slowly"
 _SLOW_FACTORY_SOURCE = """
+import glob
 import os
 import time
 
@@ -64,6 +65,13 @@ from tracin_tasks.examples.digits import build_mlp
 
 def build_mlp_slowly(**kwargs):
     time.sleep(float(os.environ.get("RELIABILITY_FACTORY_DELAY", "0.4")))
+    # "PATTERN|N": once N files match PATTERN (N stored cells), every build waits for good, so a
+    # test acts on an audit held still at a known point, however slowly the machine runs
+    hold = os.environ.get("RELIABILITY_FACTORY_HOLD")
+    if hold:
+        pattern, n = hold.rsplit("|", 1)
+        while len(glob.glob(pattern)) >= int(n):
+            time.sleep(0.05)
     return build_mlp(**kwargs)
 """
 
@@ -73,7 +81,7 @@ def models_dir() -> Path:
     folder = STATE / "reliability-models"
     folder.mkdir(exist_ok=True)
     module = folder / "reliability_slow_factory.py"
-    if not module.exists():
+    if not module.exists() or module.read_text() != _SLOW_FACTORY_SOURCE:
         module.write_text(_SLOW_FACTORY_SOURCE)
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))

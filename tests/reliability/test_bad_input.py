@@ -346,6 +346,23 @@ def test_labels_outside_the_classes(mlflow_store, tmp_path):
     rerun_after_fix(run, tmp_path / "out")
 
 
+def test_label_minus_100_is_refused_while_planning(mlflow_store, tmp_path):
+    """-100 is cross_entropy's ignore_index: training skipped such rows, and the cells would crash on
+    them untyped. Refused while planning with a typed error that says so; the CLI exits 2."""
+    clean = iris_frame()
+    bad = clean.copy()
+    bad.loc[[4, 9], "label"] = -100
+    run = mlflow_store.log_run(bad, name="ignore-index")
+    message = audit_fails(run, tmp_path / "out", LabelOutOfRangeError)
+    assert "labels [-100] outside the model's 3 classes" in message and "ignore_index" in message
+    assert repr(clean.loc[4, "row_id"]) in message and repr(clean.loc[9, "row_id"]) in message
+    code, out, err = cli(*cli_audit_args(run, tmp_path / "cli"))
+    assert code == 2 and [line for line in err.splitlines() if line.startswith("error: ")] == [
+        line for line in err.splitlines() if line.startswith("error: ") and "ignore_index" in line]
+    assert "Traceback" not in err.split("error: ")[-1]
+    assert leftovers(tmp_path / "cli") == []
+
+
 def test_non_finite_gradients_on_some_rows_named_by_row_id(mlflow_store, tmp_path):
     """Finite but extreme features (1e30) overflow the model: the audit names those rows by id."""
     clean = iris_frame()

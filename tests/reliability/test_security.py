@@ -265,6 +265,94 @@ def test_hostile_row_ids_and_output_folder_are_escaped_in_report_and_prefect_art
     assert url.startswith("file:///") and url.endswith("/report.html") and "javascript" in url
 
 
+TERMINAL_HOSTILE = ["\x1b[2J\x1b[31mred", "nul\x00byte", "\u202eevil", "two\nlines", "bell\x07\r",
+                    "=HYPERLINK(\"http://x.invalid\",\"click\")", "+1+1", "-2+3", "@SUM(1,2)", "'quoted"]
+
+
+def _clean_terminal_text(text: str, max_line: int = 400) -> list[str]:
+    """What would reach a terminal unescaped: control characters, bidi overrides, over-long lines."""
+    problems = [repr(ch) for ch in set(text) if (ord(ch) < 0x20 and ch not in "\n\t") or ch in "\x7f\u202e"]
+    problems += [f"a line of {len(line)} characters" for line in text.splitlines() if len(line) > max_line]
+    return problems
+
+
+def test_hostile_row_ids_reach_terminals_escaped_and_csv_files_neutralised(api, mlflow_store, tmp_path):
+    """Row ids with escape sequences, NUL, a bidi override, newlines, a 100,000-character id and
+    spreadsheet formulas: the CLI's audit summary and ``relabel list``/``claim`` show them escaped
+    and shortened; CSV (the file drop, ``relabel list --format csv``) never starts a cell with
+    ``= + - @``, and reading the CSV back gives the exact ids; parquet and the queue keep them whole."""
+    import csv
+
+    from tracin_tasks._text import from_csv_cell
+
+    frame = iris_frame(60)
+    ids = [f"{TERMINAL_HOSTILE[i % len(TERMINAL_HOSTILE)]}-{i}" for i in range(len(frame))]
+    ids[7] = "L" * 100_000
+    frame["row_id"] = ids
+    run = mlflow_store.log_run(frame, name="terminal-hostile")
+    queue = f"sqlite:///{tmp_path / 'q.db'}"
+    drop = tmp_path / "drop"
+    code, out, err = cli(*cli_audit_args(run, tmp_path / "out"), "--relabel", queue, "--relabel",
+                         f"file://{drop}?format=csv", "--top-fraction", "0.5")
+    assert code == 0, err[-3000:]
+    assert _clean_terminal_text(out) == [], out[-2000:]
+    assert "\\x1b[2J" in out or "\\x00" in out or "\\u202e" in out  # shown, escaped
+
+    code, listed, err = cli("relabel", "list", "--queue", queue, "--limit", "0")
+    assert code == 0 and _clean_terminal_text(listed) == [], listed[-2000:]
+    code, claimed, err = cli("relabel", "claim", "--queue", queue, "--worker", "\x1b[31mw", "-n", "40")
+    assert code == 0 and _clean_terminal_text(claimed) == [], claimed[-2000:]
+
+    flagged = set(pd.read_parquet(tmp_path / "out" / "issues.parquet").query("flagged")["row_id"])
+    assert flagged and "L" * 100_000 in set(pd.read_parquet(tmp_path / "out" / "scores.parquet")["row_id"])
+    code, as_csv, err = cli("relabel", "list", "--queue", queue, "--limit", "0", "--format", "csv")
+    assert code == 0
+    with open(next(drop.glob("flagged_*.csv")), newline="") as fh:
+        dropped = fh.read()
+    for text in (as_csv, dropped):
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+        cells = [v for r in rows for v in r.values() if v and not _is_number(v)]
+        assert not [c for c in cells if c[0] in "=+-@\t\r"], "a CSV cell a spreadsheet would run"
+        assert {from_csv_cell(r["row_id"]) for r in rows} == flagged  # exact, once unquoted
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def test_stale_download_folders_are_removed(mlflow_store, tmp_path):
+    """Temporary folders of downloads whose process died (this host) or that are older than six
+    hours (any host) are removed by the next audit of the run; a live one is left alone."""
+    import subprocess
+    import sys
+    import time
+
+    from tracin_tasks.integrations.mlflow_source import _HOST, MlflowCheckpointSource
+
+    run = mlflow_store.log_run(name="stale-downloads")
+    source = MlflowCheckpointSource(run.run_id, run.tracking_uri, cache_dir=tmp_path / "cache")
+    root = Path(source._cache_path("checkpoints", "step_1"))
+    root.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = {f".download-{_HOST}-{dead}-a1b2", f".fresh-{_HOST}-{dead}-c3d4", ".download-other.host-1-e5f6",
+             ".download-old"}
+    kept = {f".download-{_HOST}-{os.getpid()}-g7h8", ".download-other.host-1-i9j0"}
+    for name in stale | kept:
+        (root / name).mkdir()
+        (root / name / "partial").write_bytes(b"x" * 10)
+    week_ago = time.time() - 7 * 24 * 3600
+    for name in (".download-other.host-1-e5f6", ".download-old"):
+        os.utime(root / name, (week_ago, week_ago))
+    source.checkpoints()
+    left = {p.name for p in root.iterdir() if p.name.startswith(".")}
+    assert left == kept, left
+
+
 # -- SQL ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("table, schema", [
     ("x; DROP TABLE y", None), ("queue--", None), ('q"; DELETE FROM y; --', None), ("ok", "main; DROP TABLE y"),

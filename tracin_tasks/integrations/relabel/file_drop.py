@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pandas as pd
 
-from tracin_tasks._text import csv_frame, from_csv_frame
+from tracin_tasks._text import from_csv_frame, write_csv
 from tracin_tasks.exceptions import ConfigurationError, DataError, SinkUnavailableError
 from tracin_tasks.integrations.relabel.base import Decision, Delivery, FlaggedBatch, utcnow
 
@@ -82,7 +82,7 @@ class FileDrop:
             merged = merged.sort_values(["rank", "row_id"], kind="stable").reset_index(drop=True)
             tmp = os.path.join(self.folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
             if self.format == "csv":
-                csv_frame(merged).to_csv(tmp, index=False)  # no cell a spreadsheet would run as a formula
+                write_csv(merged, tmp)  # no cell a spreadsheet would run as a formula
             else:
                 merged.to_parquet(tmp, index=False)
             os.replace(tmp, path)
