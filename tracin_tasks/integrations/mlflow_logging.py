@@ -146,7 +146,9 @@ def log_model_factory(factory: str, run_id: str | None = None, **kwargs: Any) ->
     """Record how to rebuild the model: an importable ``"module:function"`` and its arguments.
 
     The audit imports it in the worker's environment and calls ``function(**kwargs)`` to get the
-    architecture, then loads each checkpoint into it. Arguments must be JSON values.
+    architecture, then loads each checkpoint into it, but only when the operator trusts the
+    module (``TRACIN_TRUSTED_MODULES``, ``--trust-module``, the flow's ``trusted_modules``): a run
+    is untrusted input. Arguments must be JSON values.
 
     Example:
         >>> tm.log_model_factory("my_pkg.models:build_mlp", in_features=64, n_classes=10)
