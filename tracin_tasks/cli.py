@@ -260,11 +260,17 @@ def _flag_policy(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def run_audit(args: argparse.Namespace) -> dict[str, Any]:
     from tracin_tasks._uris import refuse_uri_credentials
-    from tracin_tasks.integrations.model_factory import check_model_kwargs
+    from tracin_tasks.integrations.model_factory import (
+        check_max_parameters,
+        check_model_kwargs,
+        parse_trusted_modules,
+    )
 
-    # refused here, before Prefect stores the flow's parameters
+    # refused here, before Prefect starts or stores the flow's parameters
     refuse_uri_credentials(args.tracking_uri, "--tracking-uri")
     model_kwargs = check_model_kwargs(args.model_kwargs, "--model-kwargs") or None
+    parse_trusted_modules(args.trust_module, "--trust-module")
+    check_max_parameters(args.max_parameters)
     from tracin_tasks.orchestration import audit_training_run
     from tracin_tasks.orchestration.relabel import check_sinks
     from tracin_tasks.orchestration.runners import check_api_for, parse_task_runner

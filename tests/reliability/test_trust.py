@@ -329,3 +329,33 @@ def test_nothing_a_run_records_runs_code_or_exhausts_memory(api, mlflow_store, t
     for payload in payloads:
         out = tmp_path / "out" / payload.name
         assert not (out / "scores.parquet").exists() and not (out / "report.html").exists(), payload.name
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--model-kwargs", "{bad"], "--model-kwargs is not valid JSON"),
+    (["--model-kwargs", "[1, 2]"], "--model-kwargs must be a JSON object"),
+    (["--trust-module", "acme-evil"], "is not a module prefix"),
+    (["--trust-module", "acme.", ], "is not a module prefix"),
+    (["--max-parameters", "0"], "max_parameters must be a positive integer"),
+])
+def test_trust_options_with_a_typo_fail_at_once(args, expected, tmp_path):
+    """Refused before Prefect starts or anything is written: exit 2, one line."""
+    from .conftest import cli
+
+    code, out, err = cli("audit", "--run-id", "0" * 32, "--tracking-uri", f"sqlite:///{tmp_path / 'x.db'}",
+                         "--output", str(tmp_path / "out"), *args)
+    assert code == 2 and err.count("error: ") == 1 and expected in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x.db").exists()
+
+
+def test_an_oversized_spec_is_not_read(api, mlflow_store, tmp_path):
+    """A run's model-factory spec of 2 MiB (real ones are a few hundred bytes) is refused unread."""
+    from tracin_tasks.exceptions import ConfigurationError
+    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+
+    run = mlflow_store.log_run(checkpoints=1, name="oversized spec")
+    mlflow_store.write_json(run.run_id, "tracin/model_factory.json",
+                            {"factory": FACTORY, "kwargs": {"pad": "x" * (2 * 1024 * 1024)}})
+    source = MlflowCheckpointSource(run.run_id, run.tracking_uri, cache_dir=tmp_path / "cache")
+    with pytest.raises(ConfigurationError, match="a spec is a small JSON file"):
+        source.model_spec()

@@ -706,7 +706,7 @@ class MlflowCheckpointSource:
                 "with tracin_tasks.mlflow.log_model_factory('pkg.module:function', ...), or pass "
                 "model_factory='pkg.module:function' (CLI: --model-factory, --model-kwargs JSON)."
             ) from None
-        except ValueError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # not JSON: said below
             spec = exc
         if (not isinstance(spec, dict) or not isinstance(spec.get("factory"), str)
                 or not isinstance(spec.get("kwargs", {}), dict)):
@@ -733,7 +733,7 @@ class MlflowCheckpointSource:
             spec = self._read_json(DATA_SPEC)
         except CheckpointError:
             spec = self._spec_from_dataset_input()
-        except ValueError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # not JSON: said below
             spec = exc
         if not isinstance(spec, dict) or not isinstance(spec.get("artifact_path"), str):
             raise TrainingDataError(
