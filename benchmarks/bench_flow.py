@@ -133,7 +133,7 @@ def main() -> int:
         from tracin_tasks.orchestration import audit_training_run
 
         t0 = time.perf_counter()
-        source = MlflowCheckpointSource(run_id, uri)
+        source = MlflowCheckpointSource(run_id, uri, trusted_modules=["bench_flow"])  # the model it logged
         core = TracIn(source.build_model(), source.checkpoints()).self_influence(source.training_table().dataset())
         results["core_s"] = time.perf_counter() - t0
 
@@ -141,7 +141,8 @@ def main() -> int:
             out = workdir / name
             t0 = time.perf_counter()
             summary = audit_training_run(run_id=run_id, tracking_uri=uri, task_runner=runner, max_workers=workers,
-                                         shard_size=args.shard_size, output_dir=str(out), report=False)
+                                         shard_size=args.shard_size, output_dir=str(out), report=False,
+                                         trusted_modules=["bench_flow"])
             results[f"{name}_s"] = time.perf_counter() - t0
             got = pd.read_parquet(summary["scores"])["self_influence"].to_numpy()
             np.testing.assert_allclose(got, core, rtol=1e-6)

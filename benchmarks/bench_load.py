@@ -125,11 +125,12 @@ def child(args: argparse.Namespace) -> int:
     if args.mode == "flow":
         result = audit_training_run(run_id=args.run_id, tracking_uri=args.tracking_uri, output_dir=str(out),
                                     shard_size=args.shard_size, batch_size=args.batch_size, report=True,
-                                    validate_results=True, log_to_mlflow=True)
+                                    validate_results=True, log_to_mlflow=True,
+                                    trusted_modules=["tracin_tasks.examples"])  # the factory the run logged
         cells, flagged, rows = result["cells"], result["flagged"], result["rows"]
     else:
         settings = AuditSettings(run_id=args.run_id, tracking_uri=args.tracking_uri, shard_size=args.shard_size,
-                                 batch_size=args.batch_size)
+                                 batch_size=args.batch_size, trusted_modules=("tracin_tasks.examples",))
         store = ResultsStore(str(out / "cells"))
         plan = plan_audit(settings, store)
         for cell in plan.cells:

@@ -427,7 +427,9 @@ def auth_server(tmp_path_factory):
     ini = root / "basic_auth.ini"
     ini.write_text("[mlflow]\ndefault_permission = READ\n"
                    f"database_uri = sqlite:///{root / 'basic_auth.db'}\nadmin_username = auditor\n"
-                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                   # each request's PBKDF2 check costs tens of ms: cache successful checks for the test
+                   "auth_cache_ttl_seconds = 300\n")
     server = support.MlflowServer(root / "server", app_name="basic-auth", env={
         "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": ENV_SECRET,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex})

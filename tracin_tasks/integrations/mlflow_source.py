@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from tracin_tasks._env import env_number
 from tracin_tasks.core.checkpoint import Checkpoint
 from tracin_tasks.core.table import TrainingTable
 from tracin_tasks.core.weights import read_pt2_file, read_torch_file
@@ -158,19 +159,6 @@ def _split_credentials(uri: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(netloc=netloc)), f"Basic {token}"
 
 
-def _env_number(name: str, default: float, kind: type) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a number.") from None
-    if value < 0:
-        raise ConfigurationError(f"{name}={raw!r} must not be negative.")
-    return value
-
-
 def _step_of(path: str) -> int | None:
     matches = _STEP_RE.findall(path)
     if matches:
@@ -263,12 +251,12 @@ class MlflowCheckpointSource:
             )
         self.default_learning_rate = None if default_learning_rate is None else float(default_learning_rate)
         if retries is None:
-            retries = int(_env_number("TRACIN_TASKS_MLFLOW_RETRIES", 3, int))
+            retries = int(env_number("TRACIN_TASKS_MLFLOW_RETRIES", 3, int))
         if backoff is None:
-            backoff = _env_number("TRACIN_TASKS_MLFLOW_BACKOFF", 0.5, float)
+            backoff = env_number("TRACIN_TASKS_MLFLOW_BACKOFF", 0.5, float)
         self.retries = max(1, int(retries))
         self.backoff = float(backoff)
-        self.max_backoff = _env_number("TRACIN_TASKS_MLFLOW_BACKOFF_MAX", 30.0, float)
+        self.max_backoff = env_number("TRACIN_TASKS_MLFLOW_BACKOFF_MAX", 30.0, float)
         self.warnings: list[str] = []
         self._client = None
         self._run = None

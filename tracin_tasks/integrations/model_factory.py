@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tracin_tasks._env import env_number
 from tracin_tasks.core.weights import DEFAULT_MAX_PARAMETERS
 from tracin_tasks.exceptions import (
     ConfigurationError,
@@ -87,16 +88,7 @@ def parse_trusted_modules(value: str | Iterable[str] | None, what: str = "truste
 
 def max_parameters_from_env() -> int:
     """``TRACIN_MAX_PARAMETERS`` or :data:`DEFAULT_MAX_PARAMETERS`."""
-    raw = os.environ.get(MAX_PARAMETERS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_PARAMETERS
-    try:
-        value = int(float(raw))
-    except ValueError:
-        raise ConfigurationError(f"{MAX_PARAMETERS_ENV}={raw!r} is not a number of parameters.") from None
-    if value < 1:
-        raise ConfigurationError(f"{MAX_PARAMETERS_ENV}={raw!r} must be a positive number of parameters.")
-    return value
+    return int(env_number(MAX_PARAMETERS_ENV, DEFAULT_MAX_PARAMETERS, lambda raw: int(float(raw)), minimum=1))
 
 
 def check_max_parameters(value: Any) -> int | None:

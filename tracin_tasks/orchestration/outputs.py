@@ -39,8 +39,8 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
+from tracin_tasks._env import env_number
 from tracin_tasks.exceptions import (
-    ConfigurationError,
     OutputFolderBusyError,
     OutputWriteError,
     UnfinishedAuditError,
@@ -69,16 +69,7 @@ def _sha256(path: str) -> str:
 
 
 def _lock_timeout() -> float:
-    raw = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
-    if not raw:
-        return _DEFAULT_LOCK_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigurationError(f"{LOCK_TIMEOUT_ENV}={raw!r} is not a number of seconds.") from None
-    if value < 0:
-        raise ConfigurationError(f"{LOCK_TIMEOUT_ENV}={raw!r} must not be negative.")
-    return value
+    return env_number(LOCK_TIMEOUT_ENV, _DEFAULT_LOCK_TIMEOUT)
 
 
 def _replace_link(target: str, link: str) -> None:
