@@ -1,7 +1,6 @@
 """Audit side: find a run's checkpoints, learning rates, model and training data in MLflow.
 
-:class:`MlflowCheckpointSource` implements the checkpoint-source protocol of
-:mod:`tracin_tasks.core.source`. It understands three layouts, tried in this order:
+:class:`MlflowCheckpointSource` reads one run. It understands three layouts, tried in this order:
 
 1. runs logged with :mod:`tracin_tasks.mlflow` (``checkpoints/step_<N>/state_dict.pt``);
 2. plain artifact folders of state_dicts, the step read from the path
@@ -11,7 +10,9 @@
    ``allow_pickle=True``.
 
 Files are downloaded once into a local cache keyed by tracking server, run and artifact path,
-and loaded with ``torch.load(weights_only=True)`` unless the user opts in to pickles.
+and read by :mod:`tracin_tasks.core.weights` (declared sizes checked before any data, nothing
+unpickled unless the user opts in). The model factory a run names is imported only from modules
+the operator trusts (:mod:`tracin_tasks.integrations.model_factory`).
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ class MlflowCheckpointSource:
             or 0.5). The retry window covers a tracking server restart when these are raised.
 
     Example:
-        >>> source = MlflowCheckpointSource(run_id, tracking_uri="http://127.0.0.1:5000")
+        >>> source = MlflowCheckpointSource(run_id, tracking_uri="http://127.0.0.1:5000",
+        ...                                 trusted_modules=["my_pkg.models"])  # the run's model code
         >>> tracin = TracIn(source.build_model(), source.checkpoints())
         >>> scores = tracin.self_influence(source.training_table().dataset())
     """
