@@ -275,8 +275,7 @@ def audit_training_run(
     from tracin_tasks.orchestration.outputs import OutputFolder
 
     log = get_run_logger()
-    if uri_secret(tracking_uri):
-        _forget_parameter("tracking_uri", tracking_uri)
+    _forget_secrets(tracking_uri=tracking_uri, relabel=relabel)
     settings = AuditSettings(
         run_id=run_id, tracking_uri=tracking_uri, layers=layers, loss=loss, batch_size=batch_size,
         shard_size=shard_size, steps=steps, max_checkpoints=max_checkpoints, device=device,
@@ -357,22 +356,28 @@ def audit_training_run(
     }
 
 
-def _forget_parameter(name: str, value: str) -> None:
-    """A parameter that carries a password: replace it in this flow run's stored parameters (best
-    effort; Prefect stored it before the flow could refuse it), then let the settings refuse it."""
+def _forget_secrets(**parameters: Any) -> None:
+    """Parameters that carry a password (a URI, or a list of them): replace them in this flow run's
+    stored parameters with redacted copies (best effort: Prefect stored them before the flow could
+    refuse them), then let the checks that follow refuse them."""
     from prefect.client.orchestration import get_client
     from prefect.context import get_run_context
 
-    from tracin_tasks._uris import uri_secret as secret_of
+    def redacted(value: Any) -> Any:
+        if isinstance(value, list):
+            return [redacted(v) for v in value]
+        secret = uri_secret(value) if isinstance(value, str) else None
+        return value.replace(secret, "***") if secret else value
 
+    leaking = {k: redacted(v) for k, v in parameters.items() if redacted(v) != v}
+    if not leaking:
+        return
     try:
-        context = get_run_context()
-        flow_run = context.flow_run
-        parameters = {**(flow_run.parameters or {}), name: value.replace(secret_of(value) or "", "***")}
+        flow_run = get_run_context().flow_run
         with get_client(sync_client=True) as client:
-            client.update_flow_run(flow_run.id, parameters=parameters)
+            client.update_flow_run(flow_run.id, parameters={**(flow_run.parameters or {}), **leaking})
     except Exception as exc:  # noqa: BLE001 - refusing the setting matters more than redacting the record
-        logger.warning("could not redact the %s parameter of this flow run: %s", name, type(exc).__name__)
+        logger.warning("could not redact the parameters %s of this flow run: %s", sorted(leaking), type(exc).__name__)
 
 
 def find_latest_auditable_run(experiment_name: str, tracking_uri: str | None = None) -> str:
@@ -428,8 +433,7 @@ def audit_latest_run(
     """
     from tracin_tasks._uris import refuse_uri_credentials
 
-    if uri_secret(tracking_uri):
-        _forget_parameter("tracking_uri", tracking_uri)
+    _forget_secrets(tracking_uri=tracking_uri, relabel=relabel)
     refuse_uri_credentials(tracking_uri, "The tracking URI")
     apply_mlflow_credentials(mlflow_secret_block)
     run_id = find_latest_auditable_run(experiment_name, tracking_uri)
@@ -452,9 +456,7 @@ def relabel_flagged(run_id: str, audit_key: str, output_dir: str, results_uri: s
     automation in ``deployments/prefect.yaml``)."""
     from tracin_tasks.orchestration.relabel import batch_for_audit, push_flagged
 
-    for value in sinks or []:
-        if uri_secret(value):
-            _forget_parameter("sinks", "[redacted]")
+    _forget_secrets(sinks=sinks)
     sinks = check_sinks(sinks)
     if not sinks:
         raise ConfigurationError("relabel-flagged needs at least one sink URI in `sinks`.")
@@ -482,9 +484,7 @@ def apply_relabels(run_id: str, queue: str, tracking_uri: str | None = None, out
     from tracin_tasks._uris import refuse_uri_credentials
     from tracin_tasks.integrations.relabel.corrections import apply_from_sink
 
-    for name, value in (("tracking_uri", tracking_uri), ("queue", queue)):
-        if uri_secret(value):
-            _forget_parameter(name, value)
+    _forget_secrets(tracking_uri=tracking_uri, queue=queue)
     refuse_uri_credentials(tracking_uri, "The tracking URI")
     check_sinks(queue)
     apply_mlflow_credentials(mlflow_secret_block)
