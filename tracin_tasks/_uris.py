@@ -1,9 +1,11 @@
-"""URIs that settings carry: none may hold a password, because settings are stored.
+"""URIs in settings, messages and names: shown without secrets, and refused when they carry one.
 
 An audit's settings go into its plan (``plan.json`` in the results store), Prefect's flow-run
 parameters, events and reports. A password written into a tracking, queue or store URI would
 land in all of them, so such a URI is refused where settings enter, with the way to pass the
-credential instead.
+credential instead (:func:`refuse_uri_credentials`). Wherever a URI is shown or used to name
+something (logs, errors, reports, outbox folders, cache keys), :func:`redact` shows it without
+its password and secret query values.
 """
 
 from __future__ import annotations
@@ -26,6 +28,32 @@ SINK_CREDENTIALS_ADVICE = (
 )
 
 
+def redact(uri: str | None) -> str | None:
+    """``uri`` with its password and secret query values replaced by ``***``.
+
+    The rest is kept exactly (case, IPv6 brackets, ``sqlite:///relative`` paths): string surgery,
+    not a re-assembly that would normalise it.
+    """
+    if not uri:
+        return uri
+    base, sep, query = uri.partition("?")
+    try:
+        password = urlsplit(base).password
+    except ValueError:
+        password = None
+    if password is not None:
+        start = base.find("://") + 3
+        end = min((i for i in (base.find(c, start) for c in "/#") if i != -1), default=len(base))
+        at = base.rfind("@", start, end)  # the userinfo ends at the netloc's last "@"
+        colon = base.find(":", start, at)
+        if at != -1 and colon != -1:
+            base = base[:colon + 1] + "***" + base[at:]
+    if sep:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = "&".join(f"{k}={'***' if k.lower() in SECRET_QUERY_KEYS else v}" for k, v in pairs)
+    return base + sep + query
+
+
 def uri_secret(uri: str | None) -> str | None:
     """The password or secret query value a URI carries, or None."""
     if not uri or not isinstance(uri, str):
@@ -45,11 +73,9 @@ def uri_secret(uri: str | None) -> str | None:
 
 def refuse_uri_credentials(uri: str | None, what: str, advice: str = MLFLOW_CREDENTIALS_ADVICE) -> None:
     """Raise :class:`CredentialsInUriError` when ``uri`` carries a password (never quoting it)."""
-    secret = uri_secret(uri)
-    if secret is None:
+    if uri_secret(uri) is None:
         return
-    shown = uri.replace(secret, "***")  # type: ignore[union-attr]
     raise CredentialsInUriError(
-        f"{what} {shown!r} carries a password. An audit stores its settings (the plan in the results store, "
+        f"{what} {redact(uri)!r} carries a password. An audit stores its settings (the plan in the results store, "
         f"Prefect's flow-run parameters, events and reports), so it refuses credentials in a URI. {advice}"
     )

@@ -5,8 +5,9 @@ Audit side: :class:`MlflowCheckpointSource`. After review: :func:`load_corrected
 (the latest corrected version of a run's data). Needs the ``mlflow`` extra.
 """
 
-from tracin_tasks.integrations.mlflow_logging import log_checkpoint, log_model_factory, log_training_data
-from tracin_tasks.integrations.mlflow_source import CheckpointRef, MlflowCheckpointSource, build_from_factory
+from tracin_tasks.integrations.mlflow.logging import log_checkpoint, log_model_factory, log_training_data
+from tracin_tasks.integrations.mlflow.layouts import CheckpointRef
+from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource, build_from_factory
 from tracin_tasks.integrations.relabel.corrections import load_corrected_training_data
 
 __all__ = [

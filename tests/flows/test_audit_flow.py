@@ -143,7 +143,7 @@ def test_other_layers_are_another_audit_and_leave_the_old_cells_alone(prefect_ap
     assert len(new_names) == N_CELLS and new_names.isdisjoint(n.split("/")[-1] for n in old)
 
     from tracin_tasks.core.tracin import TracIn
-    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
     source = MlflowCheckpointSource(digits_run.run_id, digits_run.tracking_uri)
     expected = TracIn(source.build_model(), source.checkpoints(), layers="last").self_influence(

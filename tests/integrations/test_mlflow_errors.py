@@ -23,7 +23,8 @@ from tracin_tasks.exceptions import (
     UnsafeCheckpointError,
 )
 from tracin_tasks.examples.digits import build_mlp
-from tracin_tasks.integrations.mlflow_source import CheckpointRef, safe_relpath
+from tracin_tasks.integrations.mlflow.cache import safe_relpath
+from tracin_tasks.integrations.mlflow.layouts import CheckpointRef
 
 from ._support import MLP_FACTORY, free_port, mlflow_target
 

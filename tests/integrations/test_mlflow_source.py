@@ -22,7 +22,7 @@ from tracin_tasks import Checkpoint, TracIn
 from tracin_tasks.core.table import TrainingTable
 from tracin_tasks.examples.digits import build_mlp, load_noisy_digits, recall_at
 from tracin_tasks.exceptions import CheckpointError, ConfigurationError, NoCheckpointsError, UnsafeCheckpointError
-from tracin_tasks.integrations.pt2 import read_pt2_state_dict
+from tracin_tasks.core.weights import read_pt2_file as read_pt2_state_dict
 
 from ._support import MLP_FACTORY, REPO_ROOT, evolve, mlflow_target
 
@@ -448,13 +448,13 @@ def test_downloads_happen_once(digits_run, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = tm.MlflowCheckpointSource(digits_run.run_id, digits_run.uri, cache_dir=cache)
     calls = []
-    real = first.client.download_artifacts
+    real = first.client.mlflow.download_artifacts
 
     def counting(run_id, path, dst_path=None):
         calls.append(path)
         return real(run_id, path, dst_path)
 
-    monkeypatch.setattr(first.client, "download_artifacts", counting)
+    monkeypatch.setattr(first.client.mlflow, "download_artifacts", counting)
     ckpts = first.checkpoints()
     table = first.training_table()
     first.build_model()
@@ -485,7 +485,7 @@ def test_downloads_happen_once(digits_run, tmp_path, monkeypatch):
         second_calls.append(path)
         return real(run_id, path, dst_path)
 
-    monkeypatch.setattr(second.client, "download_artifacts", only_specs)
+    monkeypatch.setattr(second.client.mlflow, "download_artifacts", only_specs)
     again = second.checkpoints()
     for a, b in zip(again, ckpts):
         assert a.step == b.step and a.learning_rate == b.learning_rate
@@ -497,6 +497,6 @@ def test_downloads_happen_once(digits_run, tmp_path, monkeypatch):
 
     # a different cache folder does download again: it is the cache that saved the work
     third = tm.MlflowCheckpointSource(digits_run.run_id, digits_run.uri, cache_dir=tmp_path / "other")
-    monkeypatch.setattr(third.client, "download_artifacts", no_network)
+    monkeypatch.setattr(third.client.mlflow, "download_artifacts", no_network)
     with pytest.raises(Exception, match="downloaded again"):
         third.checkpoints()

@@ -178,7 +178,7 @@ def direct_scores(run: DigitsRun, batch_size: int = 256):
     """Self-influence computed by the core directly, on the same run (memoised per batch size)."""
     if batch_size not in _DIRECT:
         from tracin_tasks.core.tracin import TracIn
-        from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+        from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
         source = MlflowCheckpointSource(run.run_id, run.tracking_uri)
         table = source.training_table()

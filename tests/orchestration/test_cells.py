@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from tracin_tasks.core.tracin import TracIn
-from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 from tracin_tasks.orchestration.cells import compute_cell, plan_audit, write_scores
 from tracin_tasks.orchestration.plan import AuditPlan, AuditSettings
 from tracin_tasks.orchestration.store import CellsMissingError, ResultsStore, ResultsStoreError

@@ -179,7 +179,7 @@ def test_corrections_become_a_new_dataset_in_mlflow(first, digits_run, tmp_path)
     ids = corrected["row_id"].astype(str)
     for row_id, label in relabeled.items():
         assert corrected.loc[ids == row_id, "label"].item() == label
-    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
     original_frame = MlflowCheckpointSource(digits_run.run_id, tracking_uri=digits_run.tracking_uri).training_table().frame
     untouched = ~ids.isin(set(relabeled))

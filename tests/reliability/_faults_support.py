@@ -363,7 +363,7 @@ def server_direct_scores(run: ServerRun) -> np.ndarray:
     """Self-influence of the server run computed by the core directly (memoised)."""
     if run.run_id not in _SERVER_DIRECT:
         from tracin_tasks.core.tracin import TracIn
-        from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+        from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
         source = MlflowCheckpointSource(run.run_id, run.server.uri, cache_dir=STATE / f"direct-{uuid.uuid4().hex[:6]}")
         table = source.training_table()

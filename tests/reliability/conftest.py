@@ -330,7 +330,7 @@ def leftovers(output_dir: Path) -> list[str]:
 def expected_scores(run: LoggedRun, **source_kwargs: Any) -> pd.Series:
     """Self-influence by row id, from the core on the run's checkpoints (the oracle)."""
     from tracin_tasks.core.tracin import TracIn
-    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
     source = MlflowCheckpointSource(run.run_id, run.tracking_uri,
                                     cache_dir=STATE / f"oracle-cache-{uuid.uuid4().hex[:6]}", **source_kwargs)

@@ -123,7 +123,7 @@ def test_run_without_checkpoints(mlflow_store, good_run, tmp_path):
 
     # the fix: log the checkpoints to that run (those of a run trained the same way)
     import tracin_tasks.mlflow as tm
-    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
     with tracking_uri_set(mlflow_store.uri):
         for ckpt in MlflowCheckpointSource(good_run.run_id, good_run.tracking_uri).checkpoints():

@@ -78,7 +78,7 @@ class _Records(logging.Handler):
 def source_log():
     """Messages of the MLflow checkpoint source (its retry warnings)."""
     handler = _Records()
-    logger = logging.getLogger("tracin_tasks.integrations.mlflow_source")
+    logger = logging.getLogger("tracin_tasks.integrations.mlflow.client")
     logger.addHandler(handler)
     yield handler.lines
     logger.removeHandler(handler)
@@ -136,9 +136,9 @@ def test_flow_process_killed_mid_run_is_resumed_by_a_rerun(api, digits, tmp_path
 # 2, 3 -- the tracking server down during checkpoint download ------------------------------------
 def _crash_at_download(monkeypatch, run, artifact: str, restart_after: float | None) -> dict:
     """Crash the server just before ``artifact`` is first downloaded; start it again after a while."""
-    from tracin_tasks.integrations import mlflow_source
+    from tracin_tasks.integrations.mlflow.cache import RunCache
 
-    original = mlflow_source.MlflowCheckpointSource._download
+    original = RunCache.download
     outage: dict = {}
 
     def restart():
@@ -155,7 +155,7 @@ def _crash_at_download(monkeypatch, run, artifact: str, restart_after: float | N
                 threading.Thread(target=restart, name="mlflow-restart", daemon=True).start()
         return original(self, artifact_path, *args, **kwargs)
 
-    monkeypatch.setattr(mlflow_source.MlflowCheckpointSource, "_download", download)
+    monkeypatch.setattr(RunCache, "download", download)
     return outage
 
 

@@ -102,7 +102,7 @@ def test_crafted_pickle_checkpoint_is_refused_by_the_audit(api, mlflow_store, fo
     assert leftovers(out) == []
 
     # the payload is live: a user who opts in does run it (which is why the default refuses)
-    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
     trusting = MlflowCheckpointSource(run.run_id, run.tracking_uri, cache_dir=tmp_path / "c", allow_pickle=True)
     with contextlib.suppress(Exception):  # whatever the opened file object then does to the state_dict
@@ -112,7 +112,7 @@ def test_crafted_pickle_checkpoint_is_refused_by_the_audit(api, mlflow_store, fo
 
 def test_pt2_weights_stored_as_pickles_are_refused(tmp_path):
     """A ``.pt2`` archive (MLflow 3's default model format) whose weight is a pickle is not read."""
-    from tracin_tasks.integrations.pt2 import read_pt2_state_dict
+    from tracin_tasks.core.weights import read_pt2_file as read_pt2_state_dict
 
     marker = tmp_path / "pwned"
     archive = tmp_path / "model.pt2"
@@ -331,11 +331,12 @@ def test_stale_download_folders_are_removed(mlflow_store, tmp_path):
     import sys
     import time
 
-    from tracin_tasks.integrations.mlflow_source import _HOST, MlflowCheckpointSource
+    from tracin_tasks.integrations.mlflow.cache import _HOST
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
     run = mlflow_store.log_run(name="stale-downloads")
     source = MlflowCheckpointSource(run.run_id, run.tracking_uri, cache_dir=tmp_path / "cache")
-    root = Path(source._cache_path("checkpoints", "step_1"))
+    root = Path(source.cache.path("checkpoints", "step_1"))
     root.mkdir(parents=True)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
@@ -602,7 +603,7 @@ def test_the_password_can_come_from_a_prefect_secret_block(api, auth_server, tmp
 
 def test_tracking_errors_never_quote_the_password(tmp_path):
     from tracin_tasks.exceptions import TrackingServerUnavailableError
-    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
     uri = f"http://auditor:{URI_SECRET}@127.0.0.1:{support.orch.free_port()}"  # nothing listens there
     source = MlflowCheckpointSource("0" * 32, uri, cache_dir=tmp_path / "c", retries=2, backoff=0.05)
@@ -652,9 +653,11 @@ def test_checkpoint_path_with_dot_dot_from_the_server_is_refused(api, mlflow_sto
 
     def hostile_listing(self, run_id, path=None):
         found = original(self, run_id, path)
-        if run_id == run.run_id and path is None:
+        if run_id == run.run_id and path is None:  # where a walk of every artifact starts
             found = [f for f in found if f.path != "checkpoints"] + [
                 FileInfo("checkpoints/../../../../escaped/epoch_1.pt", False, 100)]
+        elif run_id == run.run_id and path == "checkpoints/step_1":  # the helper layout's checkpoint folder
+            found = [FileInfo("checkpoints/step_1/../../../../escaped/state_dict.pt", False, 100)]
         return found
 
     monkeypatch.setattr(mlflow.MlflowClient, "list_artifacts", hostile_listing)
@@ -665,9 +668,9 @@ def test_checkpoint_path_with_dot_dot_from_the_server_is_refused(api, mlflow_sto
 
 
 def test_logged_model_id_with_dot_dot_is_refused(tmp_path):
-    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
     source = MlflowCheckpointSource("0" * 32, "sqlite:///unused.db", cache_dir=tmp_path / "c")
     with pytest.raises(ConfigurationError, match="LoggedModel id"):
-        source._download("data/model.pt2", model_id="../../../escaped")
+        source.cache.download("data/model.pt2", model_id="../../../escaped")
     assert not (tmp_path / "c").exists()

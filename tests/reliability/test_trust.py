@@ -351,7 +351,7 @@ def test_trust_options_with_a_typo_fail_at_once(args, expected, tmp_path):
 def test_an_oversized_spec_is_not_read(api, mlflow_store, tmp_path):
     """A run's model-factory spec of 2 MiB (real ones are a few hundred bytes) is refused unread."""
     from tracin_tasks.exceptions import ConfigurationError
-    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
     run = mlflow_store.log_run(checkpoints=1, name="oversized spec")
     mlflow_store.write_json(run.run_id, "tracin/model_factory.json",

@@ -38,7 +38,7 @@ def train_digits_run(
     """Train on noisy digits, log everything to MLflow, and return the run id."""
     mlflow = require_extra("mlflow", "mlflow")
     import tracin_tasks.mlflow as tm
-    from tracin_tasks.integrations.mlflow_source import build_from_factory
+    from tracin_tasks.integrations.mlflow.source import build_from_factory
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)

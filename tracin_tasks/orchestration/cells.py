@@ -45,7 +45,7 @@ def make_source(settings: AuditSettings, authority: AuditSettings | None = None)
     ``authority``: the settings the flow itself holds, when they may differ from a plan read back
     from the results store; trust, the ceiling and credentials then come from them.
     """
-    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
     trusted = authority or settings
     apply_mlflow_credentials(trusted.mlflow_secret_block)
@@ -231,7 +231,7 @@ def compute_cell(plan: AuditPlan, cell: Cell, store: ResultsStore, torch_threads
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     source = make_source(settings, authority)
     table = _cached_table(settings.run_id, settings.tracking_uri, plan.fingerprint)
-    from tracin_tasks.integrations.mlflow_source import CheckpointRef
+    from tracin_tasks.integrations.mlflow.layouts import CheckpointRef
 
     model = source.build_model(_planned_spec(plan, authority))
     checkpoint = source.fetch(CheckpointRef(cell.step, cell.learning_rate, "plan", cell.kind, cell.location),
@@ -397,7 +397,7 @@ def report_audit(
 
     mlflow_run = None
     if log_to_mlflow:
-        from tracin_tasks.integrations.mlflow_report import log_audit
+        from tracin_tasks.integrations.mlflow.report import log_audit
 
         mlflow_run = log_audit(
             training_run_id=settings.run_id, tracking_uri=settings.tracking_uri, output_dir=output_dir, files=files,

@@ -385,7 +385,7 @@ def find_latest_auditable_run(experiment_name: str, tracking_uri: str | None = N
     import mlflow
 
     from tracin_tasks.exceptions import NoCheckpointsError, RunNotFoundError
-    from tracin_tasks.integrations.mlflow_logging import AUDITABLE_TAG
+    from tracin_tasks.integrations.mlflow.logging import AUDITABLE_TAG
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(experiment_name)

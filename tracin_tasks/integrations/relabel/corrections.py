@@ -100,7 +100,7 @@ def apply_corrections(
     Returns:
         ``{"changed", "confirmed", "skipped", "files", "relabel_run_id", "fingerprint"}``.
     """
-    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
     source = MlflowCheckpointSource(run_id, tracking_uri=tracking_uri)
     table = source.training_table()
@@ -142,7 +142,7 @@ def _log_relabel_run(run_id: str, tracking_uri: str | None, table: Any, correcte
                      files: dict[str, str], result: dict[str, Any]) -> str:
     import mlflow
 
-    from tracin_tasks.integrations.mlflow_logging import log_training_data
+    from tracin_tasks.integrations.mlflow.logging import log_training_data
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     parent = client.get_run(run_id)
@@ -181,7 +181,7 @@ def load_corrected_training_data(run_id: str, tracking_uri: str | None = None) -
     """The latest corrected training data of a run (or the run's own data when none was corrected yet)."""
     import mlflow
 
-    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     latest = client.get_run(run_id).data.tags.get(LATEST_RELABEL_TAG)
@@ -190,7 +190,7 @@ def load_corrected_training_data(run_id: str, tracking_uri: str | None = None) -
 
 def apply_from_sink(run_id: str, sink_uri: str, **kwargs: Any) -> dict[str, Any]:
     """:func:`apply_corrections` with the finished decisions a sink holds for the run's data."""
-    from tracin_tasks.integrations.mlflow_source import MlflowCheckpointSource
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
     from tracin_tasks.integrations.relabel.base import open_sink
 
     fingerprint = MlflowCheckpointSource(run_id, tracking_uri=kwargs.get("tracking_uri")).training_table().fingerprint()

@@ -43,15 +43,16 @@ def log_audit(*, training_run_id: str, tracking_uri: str | None, **kwargs: Any) 
     """
     from mlflow.exceptions import MlflowException
 
-    from tracin_tasks.integrations.mlflow_source import _is_connection_problem, display_uri
+    from tracin_tasks._uris import redact
+    from tracin_tasks.integrations.mlflow.client import is_connection_problem
 
     try:
         return _log_audit(training_run_id=training_run_id, tracking_uri=tracking_uri, **kwargs)
     except (MlflowException, OSError) as exc:
-        if not (isinstance(exc, OSError) or _is_connection_problem(exc)):
+        if not (isinstance(exc, OSError) or is_connection_problem(exc)):
             raise
         raise TrackingServerUnavailableError(
-            f"The MLflow tracking server at {display_uri(tracking_uri)} did not answer while the audit of run "
+            f"The MLflow tracking server at {redact(tracking_uri)} did not answer while the audit of run "
             f"{training_run_id} was logged to it ({type(exc).__name__}). The audit was not published. Re-run it "
             "once the server answers: its cells are stored, so it only aggregates and reports again."
         ) from None

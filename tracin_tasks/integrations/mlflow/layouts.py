@@ -1,0 +1,256 @@
+"""Where a run keeps its checkpoints: one reader per layout, tried in order.
+
+A layout finds a run's checkpoints (:class:`CheckpointRef`: step, learning rate, where) and reads
+one of them. :func:`find_checkpoints` asks the registered layouts in order and takes the first
+that finds any; a plan records each checkpoint's ``kind``, and :func:`read_checkpoint` gives it
+to the layout of that kind. A new layout is one class here (or in a module of its own) and one
+:func:`register_layout` call:
+
+1. ``helper`` — runs logged with :mod:`tracin_tasks.mlflow`: ``checkpoints/step_<N>/state_dict.pt``
+   beside a ``meta.json`` holding the learning rate;
+2. ``artifact files`` — any other state_dict files among the run's artifacts, the step read from
+   the path (``ckpt/epoch_3.pt``, ``checkpoint-300/model.pth``...), the rate from a metric;
+3. ``logged models`` — MLflow 3 LoggedModels linked to the run by step
+   (``mlflow.pytorch.log_model(..., step=N)``): ``.pt2`` weights read without unpickling;
+   pickle-format ones only with ``allow_pickle``.
+
+Every file is read by :mod:`tracin_tasks.core.weights`: declared sizes and shapes are checked
+before any tensor is made.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from tracin_tasks.core.weights import read_pt2_file, read_torch_file
+from tracin_tasks.exceptions import CheckpointError, UnsafeCheckpointError
+from tracin_tasks.integrations.mlflow.learning_rates import learning_rate_at
+from tracin_tasks.integrations.mlflow.logging import CHECKPOINT_ROOT
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".pt", ".pth")
+#: top-level artifact folders that hold no checkpoints (data, specs, ground truth, audits)
+_SKIP_DIRS = {"training_data", "tracin", "ground_truth", "audit"}
+_STEP_RE = re.compile(r"(?:step|epoch|ckpt|checkpoint|iter|iteration)[_\-=]?(\d+)", re.IGNORECASE)
+_INT_RE = re.compile(r"(\d+)")
+_HELPER_FOLDER = re.compile(rf"^{re.escape(CHECKPOINT_ROOT)}/step_(\d+)$")
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """Where one checkpoint lives, before it is downloaded.
+
+    Attributes:
+        step: training step or epoch.
+        learning_rate: the learning rate in force at that step.
+        lr_source: ``"metric"``, ``"metadata"``, ``"default"`` (the source's
+            ``default_learning_rate``, with a warning) or ``"missing"`` (before that check).
+        kind: which layout reads it (``"artifact"``: a run artifact file; ``"logged_model"``).
+        location: the artifact path inside the run, or the LoggedModel id.
+    """
+
+    step: int
+    learning_rate: float
+    lr_source: str
+    kind: str
+    location: str
+    metadata: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+class RunFiles(Protocol):
+    """What a layout may ask of the run it reads (see ``MlflowCheckpointSource``)."""
+
+    run_id: str
+    artifact_path: str | None
+    allow_pickle: bool
+
+    def run(self) -> Any: ...
+    def list(self, path: str | None) -> list: ...
+    def download(self, artifact_path: str, model_id: str | None = None) -> str: ...
+    def lr_history(self) -> dict[int, float]: ...
+    def list_logged_model(self, model_id: str) -> list: ...
+
+
+class CheckpointLayout(Protocol):
+    name: str
+    kind: str
+
+    def find(self, run: RunFiles) -> list[CheckpointRef]: ...
+    def read(self, run: RunFiles, ref: CheckpointRef, limits: dict[str, Any]) -> dict[str, torch.Tensor]: ...
+
+
+def step_of(path: str) -> int | None:
+    """The step a checkpoint's path names (``epoch_3``, ``step-300``...; else its last number)."""
+    matches = _STEP_RE.findall(path)
+    if matches:
+        return int(matches[-1])
+    ints = _INT_RE.findall(path)
+    return int(ints[-1]) if ints else None
+
+
+def _read_artifact(run: RunFiles, ref: CheckpointRef, limits: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return read_torch_file(run.download(ref.location), allow_pickle=run.allow_pickle, **limits)
+
+
+class HelperFolders:
+    """``checkpoints/step_<N>/state_dict.pt`` with ``meta.json``, as :mod:`tracin_tasks.mlflow` logs them."""
+
+    name, kind = "helper", "artifact"
+
+    def find(self, run: RunFiles) -> list[CheckpointRef]:
+        if run.artifact_path not in (None, CHECKPOINT_ROOT):
+            return []
+        folders = [f.path for f in run.list(CHECKPOINT_ROOT) if f.is_dir and _HELPER_FOLDER.match(f.path)]
+        if not folders:
+            return []
+        history = run.lr_history()
+        refs = []
+        for folder in folders:
+            files = [f.path for f in run.list(folder) if not f.is_dir]
+            weights = [p for p in files if p.endswith(WEIGHT_SUFFIXES)]
+            if not weights:
+                continue
+            step = int(_HELPER_FOLDER.match(folder).group(1))
+            meta = self._meta(run, folder) if f"{folder}/meta.json" in files else {}
+            lr, lr_source = learning_rate_at(step, history, meta)
+            refs.append(CheckpointRef(step, lr, lr_source, self.kind, _pick(run, step, weights), meta))
+        return refs
+
+    @staticmethod
+    def _meta(run: RunFiles, folder: str) -> dict[str, Any]:
+        try:
+            local = run.download(f"{folder}/meta.json")  # cached, like the checkpoint file beside it
+        except CheckpointError:
+            return {}
+        try:
+            with open(local, encoding="utf-8") as fh:
+                meta = json.load(fh)
+        except ValueError:
+            logger.warning("ignoring %s/meta.json of run %s: not JSON", folder, run.run_id)
+            return {}
+        return meta if isinstance(meta, dict) else {}
+
+    read = staticmethod(_read_artifact)
+
+
+class ArtifactFiles:
+    """State_dict files anywhere among the run's artifacts (or under ``artifact_path``), the step
+    from the path, the learning rate from the run's metric."""
+
+    name, kind = "artifact files", "artifact"
+
+    def find(self, run: RunFiles) -> list[CheckpointRef]:
+        by_step: dict[int, list[str]] = {}
+        for path in self._walk(run, run.artifact_path):
+            step = step_of(path)
+            if step is None:
+                logger.info("ignoring %s: no step number in its path", path)
+                continue
+            by_step.setdefault(step, []).append(path)
+        if not by_step:
+            return []
+        history = run.lr_history()
+        refs = []
+        for step, paths in by_step.items():
+            lr, lr_source = learning_rate_at(step, history, {})
+            refs.append(CheckpointRef(step, lr, lr_source, self.kind, _pick(run, step, paths)))
+        return refs
+
+    def _walk(self, run: RunFiles, root: str | None, depth: int = 0) -> list[str]:
+        files = []
+        for info in run.list(root):
+            name = info.path.rsplit("/", 1)[-1]
+            if info.is_dir:
+                if depth == 0 and root is None and name in _SKIP_DIRS:
+                    continue
+                if depth < 4:
+                    files.extend(self._walk(run, info.path, depth + 1))
+            elif info.path.endswith(WEIGHT_SUFFIXES):
+                files.append(info.path)
+        return files
+
+    read = staticmethod(_read_artifact)
+
+
+def _pick(run: RunFiles, step: int, paths: list[str]) -> str:
+    """The model's weight file among a step's files (not an optimizer's)."""
+    paths = [p for p in paths if "optim" not in p.rsplit("/", 1)[-1].lower()] or paths
+    if len(paths) > 1:
+        preferred = [p for p in paths if re.search(r"state_dict|model", p.rsplit("/", 1)[-1])]
+        if len(preferred) != 1:
+            raise CheckpointError(
+                f"Run {run.run_id} has several weight files for step {step}: {paths}. Pass "
+                "artifact_path= to point at the folder that holds the model checkpoints."
+            )
+        paths = preferred
+    return paths[0]
+
+
+class LoggedModels:
+    """MLflow 3 LoggedModels in the run's outputs, by step."""
+
+    name, kind = "logged models", "logged_model"
+
+    def find(self, run: RunFiles) -> list[CheckpointRef]:
+        outputs = getattr(run.run(), "outputs", None)
+        model_outputs = list(getattr(outputs, "model_outputs", None) or [])
+        if not model_outputs:
+            return []
+        history = run.lr_history()
+        refs = []
+        for out in model_outputs:
+            lr, lr_source = learning_rate_at(int(out.step), history, {})
+            refs.append(CheckpointRef(int(out.step), lr, lr_source, self.kind, out.model_id))
+        return refs
+
+    def read(self, run: RunFiles, ref: CheckpointRef, limits: dict[str, Any]) -> dict[str, torch.Tensor]:
+        model_id = ref.location
+        names = [f.path for f in run.list_logged_model(model_id) if not f.is_dir]
+        pt2 = [p for p in names if p.endswith(".pt2")]
+        if pt2:
+            return read_pt2_file(run.download(pt2[0], model_id=model_id), **limits)
+        pickled = [p for p in names if p.endswith(WEIGHT_SUFFIXES)]
+        if pickled:
+            if not run.allow_pickle:
+                raise UnsafeCheckpointError(
+                    f"LoggedModel {model_id} was saved in pickle format ({pickled[0]}); loading it would "
+                    "unpickle arbitrary objects. Log models in the default pt2 format, or pass "
+                    "allow_pickle=True if you trust this run."
+                )
+            return read_torch_file(run.download(pickled[0], model_id=model_id), allow_pickle=True, **limits)
+        raise CheckpointError(f"LoggedModel {model_id} has no weights file under data/ (found {names}).")
+
+
+#: the layouts, in the order they are tried
+LAYOUTS: list[CheckpointLayout] = [HelperFolders(), ArtifactFiles(), LoggedModels()]
+
+
+def register_layout(layout: CheckpointLayout, before: str | None = None) -> None:
+    """Add a layout, last or before the one named ``before``."""
+    names = [existing.name for existing in LAYOUTS]
+    LAYOUTS.insert(names.index(before) if before in names else len(LAYOUTS), layout)
+
+
+def find_checkpoints(run: RunFiles) -> list[CheckpointRef]:
+    """The checkpoints of the first layout that finds any, in step order (learning rates unchecked)."""
+    for layout in LAYOUTS:
+        found = layout.find(run)
+        if found:
+            logger.info("run %s: %d checkpoints (%s layout)", run.run_id, len(found), layout.name)
+            return sorted(found, key=lambda r: r.step)
+    return []
+
+
+def read_checkpoint(run: RunFiles, ref: CheckpointRef, limits: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights of one checkpoint, read by the layout of its kind."""
+    for layout in LAYOUTS:
+        if layout.kind == ref.kind:
+            return layout.read(run, ref, limits)
+    raise CheckpointError(f"No layout reads checkpoints of kind {ref.kind!r} (step {ref.step}).")
