@@ -274,7 +274,7 @@ def timed_passes(tracin: TracIn, data, batch_size: int = 256) -> tuple[list, lis
 
 def audit_scores_table(passes, row_id: np.ndarray, labels: np.ndarray) -> pd.DataFrame:
     """The audit flow's ``scores.parquet`` for one shard: the same arithmetic as
-    ``orchestration.store.aggregate_cells`` + ``orchestration.cells.write_scores``
+    ``orchestration.store.aggregate_cells`` + ``orchestration.aggregate.write_scores``
     (tests/test_bench_detection.py checks it against them)."""
     n = len(row_id)
     steps = sorted({p.step for p in passes})

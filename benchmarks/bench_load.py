@@ -113,7 +113,10 @@ def child(args: argparse.Namespace) -> int:
     import torch
 
     from tracin_tasks.orchestration import audit_training_run
-    from tracin_tasks.orchestration.cells import compute_cell, plan_audit, report_audit, write_scores
+    from tracin_tasks.orchestration.aggregate import write_scores
+    from tracin_tasks.orchestration.compute import compute_cell
+    from tracin_tasks.orchestration.planning import plan_audit
+    from tracin_tasks.orchestration.reporting import report_audit
     from tracin_tasks.orchestration.plan import AuditSettings
     from tracin_tasks.orchestration.store import ResultsStore
 

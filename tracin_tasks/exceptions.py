@@ -145,6 +145,18 @@ class OutputWriteError(TracInError, OSError):
     """An audit's output (scores, issues, report) cannot be written where it was asked to go."""
 
 
+class CellsMissingError(TracInError, LookupError):
+    """The aggregate was asked for while some cells have no stored result."""
+
+
+class ResultsStoreError(TracInError, OSError):
+    """The results store cannot be read or written, or holds a file that is not a cell result."""
+
+
+class ValidationFailedError(TracInError, AssertionError):
+    """The audit's result failed its Great Expectations suite (see the report and Data Docs)."""
+
+
 class OutputFolderBusyError(TracInError, BlockingIOError):
     """Another audit held the output folder for longer than this one was willing to wait."""
 
@@ -199,6 +211,9 @@ __all__ = [
     "InvalidTransitionError",
     "LearningRateError",
     "OutputWriteError",
+    "CellsMissingError",
+    "ResultsStoreError",
+    "ValidationFailedError",
     "OutputFolderBusyError",
     "UnfinishedAuditError",
     "CredentialsInUriError",

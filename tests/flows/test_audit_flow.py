@@ -155,9 +155,10 @@ def test_other_layers_are_another_audit_and_leave_the_old_cells_alone(prefect_ap
 
 # 5 ---------------------------------------------------------------------------------------------
 def test_a_missing_cell_blocks_aggregation_until_the_audit_is_rerun(prefect_api, first, digits_run, tmp_path):
-    from tracin_tasks.orchestration.cells import write_scores
+    from tracin_tasks.orchestration.aggregate import write_scores
     from tracin_tasks.orchestration.plan import AuditPlan
-    from tracin_tasks.orchestration.store import CellsMissingError, ResultsStore
+    from tracin_tasks.exceptions import CellsMissingError
+    from tracin_tasks.orchestration.store import ResultsStore
 
     results = tmp_path / "cells"
     shutil.copytree(first[0]["results_uri"], results)

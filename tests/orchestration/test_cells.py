@@ -11,9 +11,12 @@ import pytest
 
 from tracin_tasks.core.tracin import TracIn
 from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
-from tracin_tasks.orchestration.cells import compute_cell, plan_audit, write_scores
+from tracin_tasks.orchestration.aggregate import write_scores
+from tracin_tasks.orchestration.compute import compute_cell
+from tracin_tasks.orchestration.planning import plan_audit
 from tracin_tasks.orchestration.plan import AuditPlan, AuditSettings
-from tracin_tasks.orchestration.store import CellsMissingError, ResultsStore, ResultsStoreError
+from tracin_tasks.exceptions import CellsMissingError, ResultsStoreError
+from tracin_tasks.orchestration.store import ResultsStore
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ def _paths(event: str, args: tuple) -> list[str]:
 
 def finish(spec: dict, out: str) -> dict:
     """The flow's steps after the cells, as plain functions, into output folder ``out``."""
-    from tracin_tasks.orchestration.cells import report_audit, write_scores
+    from tracin_tasks.orchestration.aggregate import write_scores
+    from tracin_tasks.orchestration.reporting import report_audit
     from tracin_tasks.orchestration.flows import _load_plan
     from tracin_tasks.orchestration.outputs import OutputFolder
     from tracin_tasks.orchestration.store import ResultsStore
@@ -102,11 +103,11 @@ def main() -> None:
     if spec["validate"]:
         import tracin_tasks.integrations.gx_validation  # noqa: F401  (and Great Expectations, for the children)
     # the run's training data, read once here: every child inherits it (Arrow's thread pool is fork-safe)
-    from tracin_tasks.orchestration.cells import _cached_table
+    from tracin_tasks.orchestration.sources import training_table
     from tracin_tasks.orchestration.flows import _load_plan
 
     plan = _load_plan(spec["results_uri"], spec["audit_key"])
-    _cached_table(plan.settings.run_id, plan.settings.tracking_uri, plan.fingerprint)
+    training_table(plan.settings.run_id, plan.settings.tracking_uri, plan.fingerprint)
     result: dict = {}
     if spec["kill_at"] in ("count", "every"):
         out = os.path.join(spec["work"], "count")

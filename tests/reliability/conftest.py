@@ -106,10 +106,10 @@ def instant_task_retries(monkeypatch):
 
     The flow looks its tasks up at call time, so this is the real flow with the real retry policy.
     """
-    from tracin_tasks.orchestration import flows
+    from tracin_tasks.orchestration import flows, tasks
 
-    monkeypatch.setattr(flows, "plan_audit_task", flows.plan_audit_task.with_options(retry_delay_seconds=0))
-    monkeypatch.setattr(flows, "score_cell_task", flows.score_cell_task.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(flows, "plan_audit_task", tasks.plan_audit_task.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(tasks, "score_cell_task", tasks.score_cell_task.with_options(retry_delay_seconds=0))
 
 
 # -- small training runs ------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def bad_input_not_retried(monkeypatch):
     tasks up at call time, so everything else is the real flow.)
     """
     from tracin_tasks.orchestration import flows
-    from tracin_tasks.orchestration.cells import retry_unless_bad_input
+    from tracin_tasks.orchestration.retries import retry_unless_bad_input
 
     for name in ("plan_audit_task", "score_cell_task"):
         task = getattr(flows, name)
@@ -415,7 +415,7 @@ def test_layer_that_does_not_exist(good_run, tmp_path):
 
 
 def test_results_store_not_writable(good_run, tmp_path):
-    from tracin_tasks.orchestration.store import ResultsStoreError
+    from tracin_tasks.exceptions import ResultsStoreError
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -445,8 +445,8 @@ def test_retries_stop_on_bad_input():
     from prefect.states import Failed
 
     from tracin_tasks.exceptions import TrackingServerUnavailableError
-    from tracin_tasks.orchestration.cells import retry_unless_bad_input
-    from tracin_tasks.orchestration.store import ResultsStoreError
+    from tracin_tasks.orchestration.retries import retry_unless_bad_input
+    from tracin_tasks.exceptions import ResultsStoreError
 
     for exc, retry in ((TrainingDataError("x"), False), (LearningRateError("x"), False),
                        (NonFiniteGradientError("x", [1]), False), (TrackingServerUnavailableError("x"), True),

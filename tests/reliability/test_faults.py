@@ -192,9 +192,9 @@ def test_tracking_server_down_for_a_while_during_download(server, monkeypatch, s
 
 def _cut_at_cell(monkeypatch, gate: support.TcpGate, nth: int) -> dict:
     """Make the server unreachable for good as the ``nth`` cell starts (its model spec needs it)."""
-    from tracin_tasks.orchestration import flows
+    from tracin_tasks.orchestration import tasks
 
-    original = flows.compute_cell
+    original = tasks.compute_cell
     seen: dict = {"cells": 0}
 
     def compute_cell(*args, **kwargs):
@@ -203,7 +203,7 @@ def _cut_at_cell(monkeypatch, gate: support.TcpGate, nth: int) -> dict:
             gate.close()
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(flows, "compute_cell", compute_cell)  # the cell task looks it up at call time
+    monkeypatch.setattr(tasks, "compute_cell", compute_cell)  # the cell task looks it up at call time
     return seen
 
 
@@ -299,7 +299,7 @@ def _disk_full_fs(full_after: int):
 
 
 def test_disk_full_while_writing_a_cell(api, digits, instant_task_retries, tmp_path):
-    from tracin_tasks.orchestration.store import ResultsStoreError
+    from tracin_tasks.exceptions import ResultsStoreError
 
     fs = _disk_full_fs(full_after=3)
     results = tmp_path / "cells"

@@ -129,7 +129,7 @@ def test_pt2_weights_stored_as_pickles_are_refused(tmp_path):
 
 def test_a_crafted_cell_in_the_results_store_is_refused(api, mlflow_store, tmp_path):
     """A cell file swapped for an ``.npz`` holding a pickled object array: aggregation refuses it."""
-    from tracin_tasks.orchestration.store import ResultsStoreError
+    from tracin_tasks.exceptions import ResultsStoreError
 
     run = mlflow_store.log_run(name="crafted-cell")
     results = tmp_path / "cells"
@@ -582,7 +582,7 @@ def test_the_password_can_come_from_a_prefect_secret_block(api, auth_server, tmp
     from prefect.blocks.system import Secret
 
     from tracin_tasks.orchestration import audit_training_run
-    from tracin_tasks.orchestration.cells import _load_mlflow_credentials
+    from tracin_tasks.orchestration.sources import _load_mlflow_credentials
 
     server, run = auth_server
     name = f"mlflow-auditor-{uuid.uuid4().hex[:6]}"

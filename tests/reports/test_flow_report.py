@@ -20,7 +20,7 @@ pytest.importorskip("great_expectations")
 mlflow = pytest.importorskip("mlflow")
 
 from tracin_tasks.exceptions import ConfigurationError  # noqa: E402
-from tracin_tasks.integrations.gx_validation import ValidationFailedError  # noqa: E402
+from tracin_tasks.exceptions import ValidationFailedError  # noqa: E402
 
 from ._support import one_torch_thread  # noqa: E402
 

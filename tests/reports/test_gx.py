@@ -16,7 +16,8 @@ pytest.importorskip("great_expectations")
 
 from tracin_tasks.core.flagging import FlagPolicy, find_label_issues  # noqa: E402
 from tracin_tasks.exceptions import ConfigurationError  # noqa: E402
-from tracin_tasks.integrations.gx_validation import ValidationFailedError, validate_audit  # noqa: E402
+from tracin_tasks.exceptions import ValidationFailedError  # noqa: E402
+from tracin_tasks.integrations.gx_validation import validate_audit  # noqa: E402
 
 N = 20
 ROW_IDS = list(range(500, 500 + N))

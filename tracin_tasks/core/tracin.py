@@ -17,14 +17,12 @@ from tracin_tasks.core.data import dataset_length, iterate, make_loader
 from tracin_tasks.core.engine import GradientEngine, select_parameters
 from tracin_tasks.core.factors import DenseFactor, Factor, Projector, choose_form, dots, materialise, squared_norms
 from tracin_tasks.core.losses import LossFn, check_class_labels, resolve_loss
+from tracin_tasks.core.passes import PASS_FIELDS
 from tracin_tasks.exceptions import ConfigurationError, DataError, EmptyDatasetError, NonFiniteGradientError
 
 logger = logging.getLogger(__name__)
 
 _ON_NONFINITE = ("raise", "nan")
-
-
-_PASS_FIELDS = ("squared_norm", "loss", "margin", "predicted", "confidence")
 
 
 @dataclass(frozen=True)
@@ -222,7 +220,7 @@ class TracIn:
         loader = make_loader(data, batch_size, "data")
         engine = self._engine()
         n_known = dataset_length(loader)
-        fields = _PASS_FIELDS if signals else ("squared_norm",)
+        fields = PASS_FIELDS if signals else ("squared_norm",)
         for ckpt in self.checkpoints:
             engine.load(ckpt.load_state_dict(self.device), ckpt.step)
             # one array per field, allocated once when the length is known: per-batch pieces kept
@@ -248,7 +246,7 @@ class TracIn:
             bad = np.flatnonzero(~np.isfinite(arrays["squared_norm"])).tolist()
             self._handle_nonfinite(bad, "rows", f"checkpoint step {ckpt.step}")
             arrays["squared_norm"][bad] = np.nan
-            for key in _PASS_FIELDS:
+            for key in PASS_FIELDS:
                 if key not in arrays:
                     arrays[key] = np.empty(0)
             yield CheckpointPass(step=ckpt.step, learning_rate=ckpt.learning_rate, **arrays)

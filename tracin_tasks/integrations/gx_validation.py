@@ -23,15 +23,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tracin_tasks.exceptions import ConfigurationError, TracInError, require_extra
+from tracin_tasks.exceptions import ConfigurationError, require_extra
 
 logger = logging.getLogger(__name__)
 _BIG = sys.float_info.max
 _IN_SET_LIMIT = 50_000  # beyond this, row-id completeness is checked by count + uniqueness
-
-
-class ValidationFailedError(TracInError, AssertionError):
-    """The audit's result failed its Great Expectations suite (see the report and Data Docs)."""
 
 
 @dataclass
@@ -46,6 +42,15 @@ class ValidationOutcome:
     @property
     def failed(self) -> list[dict[str, Any]]:
         return [r for r in self.results if not r["success"]]
+
+    def failed_names(self) -> list[str]:
+        """The failed expectations as ``expectation(column)``, for messages."""
+        return [f"{r['expectation']}({r.get('column') or ''})" for r in self.failed]
+
+    def to_dict(self) -> dict[str, Any]:
+        """As JSON (for reports, MLflow and the flow's result)."""
+        return {"success": self.success, "results": self.results, "statistics": self.statistics,
+                "data_docs": self.data_docs_index}
 
 
 def _expectation(gxe: Any, spec: dict[str, Any]) -> Any:

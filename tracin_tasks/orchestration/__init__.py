@@ -10,7 +10,8 @@ require_extra("prefect", "prefect")
 
 from tracin_tasks.orchestration.flows import audit_training_run, score_cells  # noqa: E402
 from tracin_tasks.orchestration.plan import AuditPlan, AuditSettings, Cell, plan_cells  # noqa: E402
-from tracin_tasks.orchestration.store import CellsMissingError, ResultsStore, aggregate_cells  # noqa: E402
+from tracin_tasks.exceptions import CellsMissingError  # noqa: E402
+from tracin_tasks.orchestration.store import ResultsStore, aggregate_cells  # noqa: E402
 
 __all__ = [
     "AuditPlan",

@@ -122,6 +122,10 @@ class AuditSettings:
     def from_dict(cls, d: dict[str, Any]) -> AuditSettings:
         return cls(**d)
 
+    def layer_selection(self) -> str | list[str] | None:
+        """``layers`` as :class:`tracin_tasks.TracIn` takes it."""
+        return list(self.layers) if isinstance(self.layers, tuple) else self.layers
+
     def scoring_fields(self) -> dict[str, Any]:
         """The settings that change a cell's scores (not batch size, device or sharding)."""
         fields = {"run_id": self.run_id, "layers": self.to_dict()["layers"], "loss": self.loss,

@@ -63,9 +63,9 @@ def batch_for_audit(plan: AuditPlan, output_dir: str, audit_run_id: str | None =
     features = None
     shape = None
     if with_features:
-        from tracin_tasks.orchestration.cells import _cached_table
+        from tracin_tasks.orchestration.sources import training_table
 
-        table = _cached_table(plan.settings.run_id, plan.settings.tracking_uri, plan.fingerprint)
+        table = training_table(plan.settings.run_id, plan.settings.tracking_uri, plan.fingerprint)
         shape = table.input_shape
         flagged = issues["flagged"].to_numpy(dtype=bool)
         positions = pd.Index(table.row_ids).get_indexer(issues["row_id"])
@@ -104,7 +104,7 @@ def emit_audit_flagged(batch: FlaggedBatch, *, rows: int, output_dir: str, resul
     if batch.audit_run_id:
         related.append({"prefect.resource.id": f"mlflow.run.{batch.audit_run_id}",
                         "prefect.resource.role": "audit-run", "prefect.resource.name": batch.audit_run_id})
-    from tracin_tasks.orchestration.cells import redact_uri
+    from tracin_tasks._uris import redact
 
     return emit_event(
         event=AUDIT_FLAGGED,
@@ -118,8 +118,8 @@ def emit_audit_flagged(batch: FlaggedBatch, *, rows: int, output_dir: str, resul
             "rows": int(rows),
             "flagged": len(batch.rows),
             "output_dir": output_dir,
-            "results_uri": redact_uri(results_uri),
-            "tracking_uri": redact_uri(tracking_uri),
+            "results_uri": redact(results_uri),
+            "tracking_uri": redact(tracking_uri),
             "sinks": [{"sink": o["sink"], "status": o["status"]} for o in outcomes],
         },
     )

@@ -21,18 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from tracin_tasks.exceptions import ConfigurationError, TracInError
+from tracin_tasks.core.passes import PASS_FIELDS, PassSums
+from tracin_tasks.exceptions import CellsMissingError, ConfigurationError, ResultsStoreError
 from tracin_tasks.orchestration.plan import AuditPlan, Cell
 
-CELL_FIELDS = ("squared_norm", "loss", "margin", "predicted", "confidence")
-
-
-class CellsMissingError(TracInError, LookupError):
-    """The aggregate was asked for while some cells have no stored result."""
-
-
-class ResultsStoreError(TracInError, OSError):
-    """The results store cannot be read or written."""
+CELL_FIELDS = PASS_FIELDS  # a stored cell is one pass over one shard
 
 
 class ResultsStore:
@@ -143,9 +136,9 @@ def aggregate_cells(store: ResultsStore, plan: AuditPlan) -> dict[str, Any]:
     """Combine every cell of a plan into per-row arrays; refuses while any cell is missing.
 
     Returns:
-        ``self_influence`` (Σ_c η_c ‖g‖²), ``aum`` (mean margin over checkpoints), ``loss_final``,
-        ``predicted``/``confidence``/``margin_final`` at the last checkpoint, and
-        ``per_checkpoint`` (step → learning-rate-weighted contribution), all in row order.
+        The sums of :class:`tracin_tasks.core.passes.PassSums`: ``self_influence`` (Σ_c η_c ‖g‖²),
+        ``aum`` (mean margin over checkpoints), ``loss_final``, ``predicted`` and ``confidence``
+        at the last checkpoint, all in row order.
     """
     missing = store.missing(plan)
     if missing:
@@ -155,29 +148,8 @@ def aggregate_cells(store: ResultsStore, plan: AuditPlan) -> dict[str, Any]:
             f"({listed}{' ...' if len(missing) > 10 else ''}). Run the audit again: finished cells are "
             "skipped and only these are computed."
         )
-    n = plan.n_rows
-    steps = sorted({c.step for c in plan.cells})
-    last = steps[-1]
-    out = {
-        "self_influence": np.zeros(n),
-        "aum": np.zeros(n),
-        "loss_final": np.full(n, np.nan),
-        "margin_final": np.full(n, np.nan),
-        "predicted": np.full(n, -1, dtype=np.int64),
-        "confidence": np.full(n, np.nan),
-    }
-    per_ckpt = {s: np.zeros(n) for s in steps}
+    sums = PassSums(plan.n_rows, (c.step for c in plan.cells))
     for cell in plan.cells:
-        part = store.read_cell(plan.audit_key, cell)
-        rows = slice(cell.row_start, cell.row_stop)
-        contribution = cell.learning_rate * part["squared_norm"]
-        out["self_influence"][rows] += contribution
-        per_ckpt[cell.step][rows] = contribution
-        out["aum"][rows] += part["margin"] / len(steps)
-        if cell.step == last:
-            out["loss_final"][rows] = part["loss"]
-            out["margin_final"][rows] = part["margin"]
-            out["predicted"][rows] = part["predicted"]
-            out["confidence"][rows] = part["confidence"]
-    out["per_checkpoint"] = per_ckpt
-    return out
+        sums.add(cell.step, cell.learning_rate, slice(cell.row_start, cell.row_stop),
+                 store.read_cell(plan.audit_key, cell))
+    return sums.result()

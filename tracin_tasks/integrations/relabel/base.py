@@ -21,11 +21,12 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
 
+from tracin_tasks._uris import redact  # noqa: F401  (sinks name themselves with it)
 from tracin_tasks.exceptions import ConfigurationError, DataError
 
 #: the statuses of a queue row; ``pending → in_review → relabeled | confirmed | skipped``
@@ -178,23 +179,6 @@ class RelabelSink(Protocol):
 
     def close(self) -> None:
         ...
-
-
-def redact(uri: str) -> str:
-    """A sink URI without its password or token (for logs, outbox entries and reports)."""
-    base, sep, query_text = uri.partition("?")
-    parts = urlsplit(base)
-    if parts.password is not None:
-        # string surgery, not urlunsplit: that would turn sqlite:///rel into sqlite:/rel
-        base = base.replace(f":{parts.password}@", ":***@", 1)
-    if sep:
-        pairs = parse_qsl(query_text, keep_blank_values=True)
-        pairs = [(k, "***" if k.lower() in _SECRET_KEYS else v) for k, v in pairs]
-        query_text = "&".join(f"{k}={v}" for k, v in pairs)
-    return base + sep + query_text
-
-
-_SECRET_KEYS = {"password", "api_key", "apikey", "token", "key", "secret"}
 
 
 def sink_key(uri: str) -> str:

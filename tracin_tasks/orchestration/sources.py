@@ -1,0 +1,85 @@
+"""Where an audit's inputs come from: the MLflow source its settings describe, the credentials to
+reach it, and the training data, read once per process."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from tracin_tasks.core.table import TrainingTable
+from tracin_tasks.exceptions import ConfigurationError, DataError
+from tracin_tasks.orchestration.plan import AuditSettings
+
+
+def make_source(settings: AuditSettings, authority: AuditSettings | None = None):
+    """The MLflow checkpoint source for these settings (no network until used).
+
+    ``authority``: the settings the flow itself holds, when they may differ from a plan read back
+    from the results store; trust, the ceiling and credentials then come from them.
+    """
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
+
+    trusted = authority or settings
+    apply_mlflow_credentials(trusted.mlflow_secret_block)
+    steps = list(settings.steps) if isinstance(settings.steps, tuple) else settings.steps
+    return MlflowCheckpointSource(
+        settings.run_id,
+        settings.tracking_uri,
+        steps=steps,
+        max_checkpoints=settings.max_checkpoints,
+        model_factory=settings.model_factory,
+        model_kwargs=settings.model_kwargs,
+        allow_pickle=trusted.allow_pickle,
+        default_learning_rate=settings.default_learning_rate,
+        trusted_modules=trusted.trusted_modules,
+        max_parameters=trusted.max_parameters,
+    )
+
+
+def apply_mlflow_credentials(block: str | None) -> None:
+    """Put the tracking server's credentials from a Prefect Secret block into this process's
+    environment (``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``, which MLflow reads).
+
+    The block holds the password, or ``{"username": ..., "password": ...}``; without a username
+    there, ``MLFLOW_TRACKING_USERNAME`` must already be set. Read once per process.
+    """
+    if block:
+        _load_mlflow_credentials(block)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_mlflow_credentials(block: str) -> None:
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block).get()
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"There is no Prefect Secret block named {block!r} (mlflow_secret_block): {exc}. Create it with "
+            "prefect.blocks.system.Secret(value=PASSWORD).save(NAME), or pass the credentials in "
+            "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD."
+        ) from None
+    username = value.get("username") if isinstance(value, dict) else None
+    password = value.get("password") if isinstance(value, dict) else value
+    if not isinstance(password, str) or not password:
+        raise ConfigurationError(f"The Prefect Secret block {block!r} holds no password (a string, or "
+                                 "{'username': ..., 'password': ...}).")
+    if username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = str(username)
+    elif not os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        raise ConfigurationError(f"The Prefect Secret block {block!r} holds a password but no username; store "
+                                 "{'username': ..., 'password': ...} or set MLFLOW_TRACKING_USERNAME.")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = password
+
+
+@functools.lru_cache(maxsize=4)
+def training_table(run_id: str, tracking_uri: str | None, fingerprint: str) -> TrainingTable:
+    """The training data of an audit, read once per worker process (its cells share it), refused when
+    it changed since the audit was planned."""
+    table = make_source(AuditSettings(run_id=run_id, tracking_uri=tracking_uri)).training_table()
+    if table.fingerprint() != fingerprint:
+        raise DataError(
+            f"The training data of run {run_id} changed since the audit was planned (fingerprint "
+            f"{table.fingerprint()} vs {fingerprint}); re-plan the audit."
+        )
+    return table
