@@ -5,6 +5,7 @@ the Prefect flow on a Prefect test server, a real MLflow run, SQLite and Postgre
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 import os
 import time
 import urllib.request
@@ -26,15 +27,17 @@ def audit(run, out, **kw):
                               validate_results=False, log_to_mlflow=kw.pop("log_to_mlflow", False), **kw)
 
 
-def read_events(api_url: str, name: str, timeout: float = 30.0) -> list[dict]:
-    """Events of that name as the Prefect server stored them (they arrive asynchronously)."""
+def read_events(api_url: str, name: str, matching, since: str, timeout: float = 180.0) -> list[dict]:
+    """The events of that name since ``since`` (ISO time) that ``matching`` accepts, as the Prefect
+    server stored them. Events arrive asynchronously, and other tests emit events of the same name:
+    wait for a matching one."""
     deadline = time.time() + timeout
     while True:
-        body = json.dumps({"filter": {"event": {"name": [name]}}, "limit": 50}).encode()
+        body = json.dumps({"filter": {"event": {"name": [name]}, "occurred": {"since": since}}, "limit": 50}).encode()
         req = urllib.request.Request(f"{api_url}/events/filter", data=body, method="POST",
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=10) as resp:
-            events = json.load(resp)["events"]
+            events = [e for e in json.load(resp)["events"] if matching(e)]
         if events or time.time() > deadline:
             return events
         time.sleep(1)
@@ -46,8 +49,9 @@ def first(prefect_api, digits_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("relabel-flow")
     queue = f"sqlite:///{root / 'queue.db'}"
     drop = f"{(root / 'drop').as_uri()}?format=csv"
+    started = datetime.now(timezone.utc).isoformat()
     result = audit(digits_run, root / "audit", relabel=[queue, drop], log_to_mlflow=True)
-    return {"root": root, "queue": queue, "drop": drop, "result": result}
+    return {"root": root, "queue": queue, "drop": drop, "result": result, "started": started}
 
 
 def test_flagged_rows_land_in_every_sink_once(first):
@@ -78,9 +82,9 @@ def test_flagged_rows_land_in_every_sink_once(first):
 
 
 def test_audit_flagged_event_reaches_the_server(first, prefect_api, digits_run):
-    events = read_events(prefect_api, "tracin.audit.flagged")
-    mine = [e for e in events if e["payload"]["output_dir"] == first["result"]["output_dir"]]
-    assert mine, events
+    mine = read_events(prefect_api, "tracin.audit.flagged",
+                       lambda e: e["payload"]["output_dir"] == first["result"]["output_dir"], first["started"])
+    assert mine, "the audit's tracin.audit.flagged event never reached the server"
     event = mine[0]
     assert event["resource"]["prefect.resource.id"] == f"mlflow.run.{digits_run.run_id}"
     assert event["payload"]["flagged"] == first["result"]["flagged"]
