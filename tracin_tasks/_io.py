@@ -15,13 +15,16 @@ from collections.abc import Callable
 from typing import Any
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[str], Any] | Any) -> str:
+def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[str], Any] | Any,
+                 durable: bool = False) -> str:
     """Write ``data`` to ``path`` atomically and return the path.
 
     Args:
         path: the final name; its folder is created when missing.
         data: bytes, text (UTF-8), a pandas DataFrame (written as parquet), or a function that
             writes the content to the temporary path it is given.
+        durable: flush the content to disk before the rename (for files that must survive a
+            power cut, such as outbox entries).
 
     Raises:
         OSError: the folder or file cannot be written (nothing is left behind); callers say what
@@ -44,6 +47,12 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | Callable[[str
             data.to_parquet(tmp, index=False)
         else:
             raise TypeError(f"atomic_write cannot write a {type(data).__name__}")
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

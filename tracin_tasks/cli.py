@@ -389,7 +389,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _sql_queue(uri: str):
     from tracin_tasks.exceptions import ConfigurationError
-    from tracin_tasks.integrations.relabel.base import open_sink, redact
+    from tracin_tasks._uris import redact
+    from tracin_tasks.integrations.relabel.registry import open_sink
     from tracin_tasks.integrations.relabel.sql_queue import SqlQueue
 
     sink = open_sink(uri, create=False) if not uri.startswith(("file:", "labelstudio:")) else None
@@ -441,11 +442,12 @@ def run_relabel(args: argparse.Namespace) -> int:
         return 0
     if cmd == "flush":
         from tracin_tasks.integrations.relabel.outbox import Outbox
-        from tracin_tasks.integrations.relabel.base import open_sink
+        from tracin_tasks.integrations.relabel.registry import open_sink
+        from tracin_tasks.orchestration.sources import prefect_secret
 
         outbox = Outbox(args.outbox)
         for uri in args.sink:
-            sink = open_sink(uri)
+            sink = open_sink(uri, secrets=prefect_secret)
             try:
                 done = outbox.replay(uri, sink)
             finally:

@@ -18,7 +18,8 @@ import pytest
 
 from tracin_tasks.exceptions import ConfigurationError, SinkUnavailableError
 from tracin_tasks.integrations.relabel import FlaggedBatch, RelabelSink, open_sink
-from tracin_tasks.integrations.relabel.labelstudio import LabelStudioSink, image_data_uri, label_config
+from tracin_tasks.integrations.relabel.labelstudio import LabelStudioSink
+from tracin_tasks.integrations.relabel.labelstudio_format import image_data_uri, label_config
 
 from ._labelstudio import LabelStudioServer, ensure_template, find_venv
 

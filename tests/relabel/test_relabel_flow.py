@@ -256,15 +256,20 @@ def test_cli_flush_delivers_the_outbox(tmp_path, capsys):
 
 
 def test_label_studio_key_from_a_prefect_secret_block(prefect_api, monkeypatch):
+    """The sink reads a Secret block through the reader the orchestration layer gives it (the
+    integrations do not import Prefect); without a block it reads the environment variable."""
     from prefect.blocks.system import Secret
 
     from tracin_tasks.exceptions import ConfigurationError
-    from tracin_tasks.integrations.relabel.base import read_secret
+    from tracin_tasks.orchestration.sources import prefect_secret
 
     Secret(value="planted-key-123").save("tracin-test-ls-key", overwrite=True)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "from-env")
-    assert read_secret("tracin-test-ls-key", "LABEL_STUDIO_API_KEY") == "planted-key-123"  # the block wins
-    assert read_secret(None, "LABEL_STUDIO_API_KEY") == "from-env"
+    base = "labelstudio://127.0.0.1:9?project=p"
+    assert open_sink(f"{base}&secret_block=tracin-test-ls-key", secrets=prefect_secret)._read_key() == "planted-key-123"
+    assert open_sink(base, secrets=prefect_secret)._read_key() == "from-env"
     with pytest.raises(ConfigurationError, match="does not exist") as err:
-        read_secret("no-such-block", "LABEL_STUDIO_API_KEY")
+        open_sink(f"{base}&secret_block=no-such-block", secrets=prefect_secret)._read_key()
     assert "from-env" not in str(err.value)
+    with pytest.raises(ConfigurationError, match="nothing here reads Secret blocks"):
+        open_sink(f"{base}&secret_block=tracin-test-ls-key")._read_key()

@@ -11,7 +11,6 @@ import base64
 import html
 import io
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tracin_tasks._io import atomic_write
+from tracin_tasks._png import png_data_uri, to_pixels
 from tracin_tasks.exceptions import require_extra
 
 _CSS = """
@@ -49,19 +50,13 @@ def _e(value: Any) -> str:
 
 
 def _thumbnail(image: np.ndarray) -> str:
-    """An 8×8 (or any 2-D) image as a tiny inline grayscale PNG, without matplotlib axes."""
-    plt = _pyplot()
+    """A 2-D image (or the first channel of one) as a tiny inline PNG, dark on light, 6× its size."""
     img = np.asarray(image, dtype=np.float64)
     if img.ndim == 3:
         img = img[0]
-    fig = plt.figure(figsize=(0.6, 0.6), dpi=80)
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.imshow(img, cmap="gray_r", interpolation="nearest")
-    ax.axis("off")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    factor = max(1, -(-48 // max(img.shape)))
+    pixels = np.repeat(np.repeat(to_pixels(img, invert=True), factor, axis=0), factor, axis=1)
+    return png_data_uri(pixels)
 
 
 def _pyplot() -> Any:
@@ -238,14 +233,6 @@ def write_report(inputs: ReportInputs, output_dir: str) -> dict[str, str]:
     plots = make_plots(inputs.issues, inputs.summary)
     paths = {}
     for name, data in plots.items():
-        paths[name] = _atomic_write(os.path.join(output_dir, name), data)
-    paths["report.html"] = _atomic_write(os.path.join(output_dir, "report.html"), render_report(inputs, plots).encode())
+        paths[name] = atomic_write(os.path.join(output_dir, name), data)
+    paths["report.html"] = atomic_write(os.path.join(output_dir, "report.html"), render_report(inputs, plots).encode())
     return paths
-
-
-def _atomic_write(path: str, data: bytes) -> str:
-    tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
-    return path

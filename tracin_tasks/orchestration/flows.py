@@ -21,7 +21,7 @@ from tracin_tasks.orchestration.aggregate import scores_summary
 from tracin_tasks.orchestration.plan import AuditSettings
 from tracin_tasks.orchestration.relabel import check_sinks
 from tracin_tasks.orchestration.runners import check_api_for, make_task_runner, parse_task_runner
-from tracin_tasks.orchestration.sources import apply_mlflow_credentials
+from tracin_tasks.orchestration.sources import apply_mlflow_credentials, prefect_secret
 from tracin_tasks.orchestration.tasks import (
     _load_plan,
     aggregate_task,
@@ -326,7 +326,7 @@ def apply_relabels(run_id: str, queue: str, tracking_uri: str | None = None, out
     check_sinks(queue)
     apply_mlflow_credentials(mlflow_secret_block)
     result = apply_from_sink(run_id, queue, tracking_uri=tracking_uri, output_dir=output_dir,
-                             log_to_mlflow=log_to_mlflow)
+                             log_to_mlflow=log_to_mlflow, secrets=prefect_secret)
     get_run_logger().info(
         "run %s: %d labels corrected, %d confirmed, %d skipped; corrected data in %s (MLflow run %s)",
         run_id, result["changed"], result["confirmed"], result["skipped"], result["files"]["training_data.parquet"],

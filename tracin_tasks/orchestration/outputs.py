@@ -40,6 +40,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from tracin_tasks._env import env_number
+from tracin_tasks._io import atomic_write
 from tracin_tasks.exceptions import (
     OutputFolderBusyError,
     OutputWriteError,
@@ -186,11 +187,8 @@ class OutputFolder:
                       for n in names if os.path.isfile(os.path.join(version, n))},
             "folders": [n for n in names if os.path.isdir(os.path.join(version, n))],
         }
-        tmp = os.path.join(version, f".{MANIFEST}.{uuid.uuid4().hex}.tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(manifest, fh, indent=1)
-            os.replace(tmp, os.path.join(version, MANIFEST))
+            atomic_write(os.path.join(version, MANIFEST), json.dumps(manifest, indent=1))
             self._move_legacy_outputs_aside()
             for name in [*names, MANIFEST]:
                 link = os.path.join(self.path, name)

@@ -7,6 +7,7 @@ outbox and the outcome says so.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -17,6 +18,8 @@ import pandas as pd
 from tracin_tasks.exceptions import ConfigurationError, DataError
 from tracin_tasks.integrations.relabel.base import FlaggedBatch, redact
 from tracin_tasks.integrations.relabel.outbox import Outbox, deliver_with_outbox
+from tracin_tasks.integrations.relabel.registry import open_sink
+from tracin_tasks.orchestration.sources import prefect_secret
 from tracin_tasks.orchestration.plan import AuditPlan
 
 logger = logging.getLogger(__name__)
@@ -26,7 +29,6 @@ AUDIT_FLAGGED = "tracin.audit.flagged"
 
 def check_sinks(sinks: list[str] | str | None) -> list[str]:
     """The sink URIs as a list; a malformed one fails before any work (without its credentials)."""
-    from tracin_tasks.integrations.relabel.base import open_sink  # noqa: F401  (import errors surface now)
 
     if sinks is None:
         return []
@@ -84,7 +86,8 @@ def push_flagged(batch: FlaggedBatch, sinks: list[str], outbox_dir: str, attempt
     outbox = Outbox(outbox_dir)
     outcomes = []
     for uri in sinks:
-        outcome = deliver_with_outbox(uri, batch, outbox, attempts=attempts, backoff=backoff)
+        outcome = deliver_with_outbox(uri, batch, outbox, attempts=attempts, backoff=backoff,
+                                      open_sink=functools.partial(open_sink, secrets=prefect_secret))
         outcomes.append(outcome.to_dict())
         if outcome.status == "delivered":
             d = outcome.delivery

@@ -47,18 +47,26 @@ def apply_mlflow_credentials(block: str | None) -> None:
         _load_mlflow_credentials(block)
 
 
-@functools.lru_cache(maxsize=8)
-def _load_mlflow_credentials(block: str) -> None:
+def prefect_secret(block: str):
+    """The value of a Prefect Secret block (a string, or a JSON object); never logged or quoted.
+
+    The integrations do not import Prefect: this is what the orchestration layer and the CLI pass
+    them to read a secret by name.
+    """
     from prefect.blocks.system import Secret
 
     try:
-        value = Secret.load(block).get()
-    except ValueError as exc:
+        return Secret.load(block).get()
+    except ValueError:
         raise ConfigurationError(
-            f"There is no Prefect Secret block named {block!r} (mlflow_secret_block): {exc}. Create it with "
-            "prefect.blocks.system.Secret(value=PASSWORD).save(NAME), or pass the credentials in "
-            "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD."
+            f"The Prefect Secret block {block!r} does not exist; create it with `prefect block create secret` or "
+            f"prefect.blocks.system.Secret(value=...).save({block!r})."
         ) from None
+
+
+@functools.lru_cache(maxsize=8)
+def _load_mlflow_credentials(block: str) -> None:
+    value = prefect_secret(block)
     username = value.get("username") if isinstance(value, dict) else None
     password = value.get("password") if isinstance(value, dict) else value
     if not isinstance(password, str) or not password:

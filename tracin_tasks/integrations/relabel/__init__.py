@@ -19,11 +19,12 @@ from tracin_tasks.integrations.relabel.base import (
     FlaggedBatch,
     FlaggedRow,
     RelabelSink,
-    open_sink,
     redact,
 )
+from tracin_tasks.integrations.relabel.registry import open_sink, register_sink
 
 __all__ = [
     "CONFIRMED", "FINAL_STATUSES", "IN_REVIEW", "PENDING", "RELABELED", "SKIPPED", "STATUSES",
     "Decision", "Delivery", "FlaggedBatch", "FlaggedRow", "RelabelSink", "open_sink", "redact",
+    "register_sink",
 ]

@@ -16,18 +16,16 @@ Sinks are named by URI so that a Prefect deployment can pass them as JSON parame
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
 
 from tracin_tasks._uris import redact  # noqa: F401  (sinks name themselves with it)
-from tracin_tasks.exceptions import ConfigurationError, DataError
+from tracin_tasks.exceptions import DataError
 
 #: the statuses of a queue row; ``pending → in_review → relabeled | confirmed | skipped``
 PENDING, IN_REVIEW, RELABELED, CONFIRMED, SKIPPED = "pending", "in_review", "relabeled", "confirmed", "skipped"
@@ -186,54 +184,3 @@ def sink_key(uri: str) -> str:
     import hashlib
 
     return hashlib.sha256(redact(uri).encode()).hexdigest()[:16]
-
-
-def read_secret(block: str | None, env: str | None) -> str | None:
-    """A credential from a Prefect Secret block (when named) or else an environment variable.
-
-    Never logged, never part of an error message.
-    """
-    if block:
-        try:
-            from prefect.blocks.system import Secret
-        except ImportError as exc:  # pragma: no cover - prefect is a core extra of the flows
-            raise ConfigurationError(
-                f"A Secret block ({block!r}) was named but Prefect is not installed: pip install 'tracin-tasks[prefect]'."
-            ) from exc
-        try:
-            value = Secret.load(block).get()
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"The Prefect Secret block {block!r} does not exist; create it with "
-                f"`prefect block create secret` or Secret(value=...).save({block!r})."
-            ) from exc
-        return str(value)
-    if env:
-        return os.environ.get(env)
-    return None
-
-
-def open_sink(uri: str, **options: Any) -> RelabelSink:
-    """Open the sink a URI names (see the module docstring for the forms)."""
-    if not isinstance(uri, str) or "://" not in uri and not uri.startswith("sqlite:"):
-        raise ConfigurationError(
-            f"Relabel sink {uri!r} is not a URI. Expected sqlite:///path.db, postgresql+psycopg://..., "
-            "labelstudio://host:port?project=..., or file:///folder?format=parquet."
-        )
-    scheme = urlsplit(uri).scheme.lower()
-    if scheme.startswith(("sqlite", "postgresql", "postgres", "mysql", "mssql", "oracle")):
-        from tracin_tasks.integrations.relabel.sql_queue import SqlQueue
-
-        return SqlQueue.from_uri(uri, **options)
-    if scheme in ("labelstudio", "label-studio", "ls"):
-        from tracin_tasks.integrations.relabel.labelstudio import LabelStudioSink
-
-        return LabelStudioSink.from_uri(uri, **options)
-    if scheme == "file":
-        from tracin_tasks.integrations.relabel.file_drop import FileDrop
-
-        return FileDrop.from_uri(uri, **options)
-    raise ConfigurationError(
-        f"Unknown relabel sink scheme {scheme!r} in {redact(uri)!r}; use sqlite://, postgresql+psycopg://, "
-        "labelstudio:// or file://."
-    )

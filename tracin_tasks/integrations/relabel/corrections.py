@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
 
+from tracin_tasks._io import atomic_write
+from tracin_tasks._text import write_csv
 from tracin_tasks.exceptions import DataError, LabelOutOfRangeError, UnknownRowIdsError
 from tracin_tasks.integrations.relabel.base import RELABELED, Decision
 
@@ -94,16 +95,19 @@ def apply_corrections(
     tracking_uri: str | None = None,
     output_dir: str | None = None,
     log_to_mlflow: bool = True,
+    table: Any = None,
 ) -> dict[str, Any]:
     """Write the corrected training data of ``run_id`` and log it to MLflow (see the module docstring).
+
+    ``table``: the run's training data when the caller has already read it.
 
     Returns:
         ``{"changed", "confirmed", "skipped", "files", "relabel_run_id", "fingerprint"}``.
     """
-    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
+    if table is None:
+        from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
-    source = MlflowCheckpointSource(run_id, tracking_uri=tracking_uri)
-    table = source.training_table()
+        table = MlflowCheckpointSource(run_id, tracking_uri=tracking_uri).training_table()
     corrected, changes = corrected_frame(table.frame, table.label_column, table.row_id_column, decisions)
     output_dir = os.path.abspath(output_dir or os.path.join("tracin-relabel", run_id))
     os.makedirs(output_dir, exist_ok=True)
@@ -111,13 +115,8 @@ def apply_corrections(
         "training_data.parquet": os.path.join(output_dir, "training_data.parquet"),
         "changes.csv": os.path.join(output_dir, "changes.csv"),
     }
-    for name, path in files.items():
-        tmp = os.path.join(output_dir, f".{uuid.uuid4().hex}.{name}.tmp")
-        if name.endswith(".csv"):
-            changes.to_csv(tmp, index=False)
-        else:
-            corrected.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+    atomic_write(files["training_data.parquet"], corrected)
+    atomic_write(files["changes.csv"], lambda tmp: write_csv(changes, tmp))
     from tracin_tasks.core.table import TrainingTable
 
     new_table = TrainingTable.from_frame(corrected, table.label_column, table.row_id_column, table.feature_columns,
@@ -188,17 +187,19 @@ def load_corrected_training_data(run_id: str, tracking_uri: str | None = None) -
     return MlflowCheckpointSource(latest or run_id, tracking_uri=tracking_uri).training_table().frame
 
 
-def apply_from_sink(run_id: str, sink_uri: str, **kwargs: Any) -> dict[str, Any]:
-    """:func:`apply_corrections` with the finished decisions a sink holds for the run's data."""
+def apply_from_sink(run_id: str, sink_uri: str, *, secrets: Callable[[str], str] | None = None,
+                    **kwargs: Any) -> dict[str, Any]:
+    """:func:`apply_corrections` with the finished decisions a sink holds for the run's data
+    (``secrets`` reads a Secret block the sink's URI names)."""
     from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
-    from tracin_tasks.integrations.relabel.base import open_sink
+    from tracin_tasks.integrations.relabel.registry import open_sink
 
-    fingerprint = MlflowCheckpointSource(run_id, tracking_uri=kwargs.get("tracking_uri")).training_table().fingerprint()
-    sink = open_sink(sink_uri)
+    table = MlflowCheckpointSource(run_id, tracking_uri=kwargs.get("tracking_uri")).training_table()
+    sink = open_sink(sink_uri, secrets=secrets)
     try:
-        decisions = sink.decisions(fingerprint)
+        decisions = sink.decisions(table.fingerprint())
     finally:
         sink.close()
-    result = apply_corrections(run_id, decisions, **kwargs)
+    result = apply_corrections(run_id, decisions, table=table, **kwargs)
     result["sink"] = sink.name
     return result

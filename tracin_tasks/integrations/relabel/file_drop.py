@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pandas as pd
 
+from tracin_tasks._io import atomic_write
 from tracin_tasks._text import from_csv_frame, write_csv
 from tracin_tasks.exceptions import ConfigurationError, DataError, SinkUnavailableError
 from tracin_tasks.integrations.relabel.base import Decision, Delivery, FlaggedBatch, utcnow
@@ -80,12 +80,8 @@ class FileDrop:
             else:
                 merged = new
             merged = merged.sort_values(["rank", "row_id"], kind="stable").reset_index(drop=True)
-            tmp = os.path.join(self.folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-            if self.format == "csv":
-                write_csv(merged, tmp)  # no cell a spreadsheet would run as a formula
-            else:
-                merged.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
+            # in CSV, no cell a spreadsheet would run as a formula
+            atomic_write(path, (lambda tmp: write_csv(merged, tmp)) if self.format == "csv" else merged)
         except OSError as exc:
             raise SinkUnavailableError(f"Cannot write the file drop {self.folder}: {exc.strerror or exc}.") from None
         return Delivery(self.name, delivered=len(new) - updated, updated=updated, unchanged=0)

@@ -17,11 +17,11 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tracin_tasks._io import atomic_write
 from tracin_tasks.exceptions import SinkUnavailableError
 from tracin_tasks.integrations.relabel.base import Delivery, FlaggedBatch, RelabelSink, sink_key
 
@@ -60,14 +60,9 @@ class Outbox:
         folder = self._dir(uri)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"{batch.fingerprint[:16]}-{batch.audit_key}.json")
-        tmp = os.path.join(folder, f".{uuid.uuid4().hex}.tmp")
         entry = {"sink": sink_name, "error": error, "queued_at": time.time(), "batch": batch.to_dict()}
-        with open(tmp, "w") as fh:
-            json.dump(entry, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # a re-queued batch of the same audit replaces the older entry
-        return path
+        # a re-queued batch of the same audit replaces the older entry
+        return atomic_write(path, json.dumps(entry), durable=True)
 
     def pending(self, uri: str) -> list[str]:
         folder = self._dir(uri)
@@ -118,10 +113,10 @@ def deliver_with_outbox(
     refuses the batch for another reason (bad configuration, a schema error) raises at once.
     """
     if open_sink is None:
-        from tracin_tasks.integrations.relabel.base import open_sink as _open
+        from tracin_tasks.integrations.relabel.registry import open_sink as _open
 
         open_sink = _open
-    from tracin_tasks.integrations.relabel.base import redact
+    from tracin_tasks._uris import redact
 
     name = redact(uri)
     last: Exception | None = None
