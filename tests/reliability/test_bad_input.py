@@ -69,16 +69,16 @@ def bad_input_not_retried(monkeypatch):
     """The flow's plan and cell tasks with ``retry_condition_fn=retry_unless_bad_input`` and no
     wait between retries: bad input fails at the first attempt, anything else is still retried.
 
-    (The condition is what ``flows.py`` should carry; see docs/reliability.md. The flow looks its
-    tasks up at call time, so everything else is the real flow.)
+    (The condition is what the tasks carry; see docs/reliability.md. The flows look their tasks up
+    at call time, so everything else is the real flow.)
     """
-    from tracin_tasks.orchestration import flows
+    from tracin_tasks.orchestration import flows, tasks
     from tracin_tasks.orchestration.retries import retry_unless_bad_input
 
-    for name in ("plan_audit_task", "score_cell_task"):
-        task = getattr(flows, name)
-        monkeypatch.setattr(flows, name, task.with_options(retry_delay_seconds=0,
-                                                           retry_condition_fn=retry_unless_bad_input))
+    for module, name in ((flows, "plan_audit_task"), (tasks, "score_cell_task")):
+        task = getattr(tasks, name)
+        monkeypatch.setattr(module, name, task.with_options(retry_delay_seconds=0,
+                                                            retry_condition_fn=retry_unless_bad_input))
 
 
 def audit_fails(run: LoggedRun, out: Path, error: type[TracInError], **kwargs) -> str:

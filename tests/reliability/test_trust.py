@@ -332,8 +332,8 @@ def test_nothing_a_run_records_runs_code_or_exhausts_memory(api, mlflow_store, t
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--model-kwargs", "{bad"], "--model-kwargs is not valid JSON"),
-    (["--model-kwargs", "[1, 2]"], "--model-kwargs must be a JSON object"),
+    (["--model-kwargs", "{bad"], "model_kwargs is not valid JSON"),
+    (["--model-kwargs", "[1, 2]"], "model_kwargs must be a JSON object"),
     (["--trust-module", "acme-evil"], "is not a module prefix"),
     (["--trust-module", "acme.", ], "is not a module prefix"),
     (["--max-parameters", "0"], "max_parameters must be a positive integer"),

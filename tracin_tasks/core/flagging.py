@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from tracin_tasks._options import option
 from tracin_tasks.exceptions import ConfigurationError, DataError
 
 SCORES = ("auto", "self_influence", "self_influence_aum", "self_influence_aum_loss")
@@ -50,13 +51,14 @@ class FlagPolicy:
         budget: never flag more than this many rows in all (the relabel team's capacity).
     """
 
-    score: str = "auto"
-    top_k: int | None = None
-    top_fraction: float | str | None = "auto"
-    threshold: float | None = None
-    robust_z: float | None = None
-    per_class: bool = False
-    budget: int | None = None
+    score: str = option("auto", "what rows are ranked by (see docs/concepts.md)", choices=SCORES)
+    top_k: int | None = option(None, "flag at most this many rows (per class with --per-class)", type=int)
+    top_fraction: float | str | None = option("auto", "flag this share of rows ('auto': 0.1 when no other "
+                                              "criterion is given)", type=float)
+    threshold: float | None = option(None, "flag rows whose score is at least this", type=float)
+    robust_z: float | None = option(None, "flag rows with robust z-score at least this", type=float)
+    per_class: bool = option(False, "rank and select within each class", action="store_true")
+    budget: int | None = option(None, "never flag more rows than this (relabel capacity)", type=int)
 
     def __post_init__(self) -> None:
         if self.top_fraction == "auto":

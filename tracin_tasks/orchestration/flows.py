@@ -15,11 +15,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from tracin_tasks._uris import uri_secret
-from tracin_tasks.core.flagging import FlagPolicy
 from tracin_tasks.exceptions import ConfigurationError, ValidationFailedError
 from tracin_tasks.orchestration.aggregate import scores_summary
-from tracin_tasks.orchestration.plan import AuditSettings
 from tracin_tasks.orchestration.relabel import check_sinks
+from tracin_tasks.orchestration.settings import AuditSettings, RelabelOptions, ReportOptions, RunOptions
 from tracin_tasks.orchestration.runners import check_api_for, make_task_runner, parse_task_runner
 from tracin_tasks.orchestration.sources import apply_mlflow_credentials, prefect_secret
 from tracin_tasks.orchestration.tasks import (
@@ -132,15 +131,14 @@ def audit_training_run(
         # resolved here, with this process's TRACIN_TRUSTED_MODULES: every worker applies the same policy
         trusted_modules=FactoryTrust.from_settings(trusted_modules).modules,
     )
-    choice = parse_task_runner(task_runner, max_workers, gpu)
+    run = RunOptions(task_runner, max_workers, gpu, output_dir, results_uri).resolved(run_id)
+    reporting = ReportOptions(report, validate_results, on_validation_failure, extra_expectations, log_to_mlflow,
+                              flag)
+    relabeling = RelabelOptions(tuple(relabel or ()), outbox_dir)
+    choice = parse_task_runner(run.task_runner, run.max_workers, run.gpu)
     check_api_for(choice)
-    if on_validation_failure not in ("fail", "warn"):
-        raise ConfigurationError(f"on_validation_failure must be 'fail' or 'warn', got {on_validation_failure!r}.")
-    FlagPolicy.from_dict(flag)  # a policy that cannot be satisfied fails before any work
-    sinks = check_sinks(relabel)
-    output_dir = os.path.abspath(output_dir or os.path.join("tracin-audit", run_id))
-    outbox_dir = os.path.abspath(outbox_dir or os.path.join(output_dir, "outbox"))
-    results_uri = results_uri or os.path.join(output_dir, "cells")
+    output_dir, results_uri, sinks = run.output_dir, run.results_uri, list(relabeling.relabel)
+    outbox_dir = os.path.abspath(relabeling.outbox_dir or os.path.join(output_dir, "outbox"))
     apply_mlflow_credentials(settings.mlflow_secret_block)
     output = OutputFolder(output_dir)
     with output.lock(on_wait=log.info):
@@ -150,12 +148,13 @@ def audit_training_run(
         key = planned["audit_key"]
         counts = score_cells.with_options(
             task_runner=make_task_runner(choice), name=f"tracin-score-cells ({choice.kind})"
-        )(results_uri, key, planned["cells"], task_runner, max_workers, gpu, settings.to_dict())
+        )(results_uri, key, planned["cells"], run.task_runner, run.max_workers, run.gpu, settings.to_dict())
         version = output.new_version(key)
         try:
             aggregate_task(results_uri, key, version)
-            reported = report_task(results_uri, key, version, flag, validate_results, extra_expectations,
-                                   log_to_mlflow, output_dir) if report else None
+            reported = report_task(results_uri, key, version, reporting.flag, reporting.validate_results,
+                                   reporting.extra_expectations, reporting.log_to_mlflow,
+                                   output_dir) if reporting.report else None
             output.publish(version, {"audit_key": key, "run_id": run_id, "settings_hash": settings.config_hash(),
                                      "mlflow_run_id": ((reported and reported.mlflow_run) or {}).get("run_id")})
         except BaseException:
@@ -184,7 +183,7 @@ def audit_training_run(
             message = (f"Great Expectations validation of the audit of run {run_id} failed: "
                        f"{', '.join(validation.failed_names())}. See {shown['files']['report.html']} and the Data "
                        f"Docs at {shown['data_docs']}.")
-            if on_validation_failure == "fail":
+            if reporting.on_validation_failure == "fail":
                 # nothing goes to the relabel sinks from an audit whose result did not validate
                 raise ValidationFailedError(message)
             log.warning(message)

@@ -11,132 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tracin_tasks.exceptions import ConfigurationError
 
-_LOSSES = ("cross_entropy", "mse")
-
 
 def stable_hash(obj: Any, length: int = 16) -> str:
     """sha256 of the canonical JSON of ``obj``."""
     text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-@dataclass(frozen=True)
-class AuditSettings:
-    """Everything an audit needs to know, as JSON values (so a deployment can schedule it).
-
-    Attributes:
-        run_id: the MLflow training run to audit.
-        tracking_uri: MLflow tracking URI the run lives on (None: MLflow's default).
-        layers: None (all), "last", or a list of module names.
-        loss: "cross_entropy" or "mse".
-        batch_size: rows per forward/backward pass inside a cell.
-        shard_size: rows per cell.
-        steps: checkpoints to use: None (all), a list of steps, or "every:K".
-        max_checkpoints: keep at most this many checkpoints, evenly spaced.
-        device: "cpu", "cuda", or None (CUDA when the worker has it).
-        model_factory: override the run's recorded "module:function" (the caller's choice: trusted).
-        model_kwargs: keyword arguments for ``model_factory`` (a JSON object); without
-            ``model_factory``, they override those the run recorded for its own factory.
-        trusted_modules: module prefixes whose model factories a run may name; the flow stores
-            them resolved (its own ``TRACIN_TRUSTED_MODULES`` included), so every worker applies
-            the same policy.
-        max_parameters: ceiling on the model's and each checkpoint's elements (None: the
-            worker's ``TRACIN_MAX_PARAMETERS`` or 10⁹).
-        mlflow_secret_block: a Prefect Secret block holding the tracking server's password (or
-            ``{"username": ..., "password": ...}``); read by each process that talks to MLflow.
-        allow_pickle: allow checkpoint files that need unpickling.
-        default_learning_rate: the learning rate of checkpoints the run logged none for; None
-            (the default) refuses them, 1.0 weights every such checkpoint equally.
-    """
-
-    run_id: str
-    tracking_uri: str | None = None
-    layers: str | tuple[str, ...] | None = None
-    loss: str = "cross_entropy"
-    batch_size: int = 256
-    shard_size: int = 4096
-    steps: str | tuple[int, ...] | None = None
-    max_checkpoints: int | None = None
-    device: str | None = None
-    model_factory: str | None = None
-    allow_pickle: bool = False
-    default_learning_rate: float | None = None
-    model_kwargs: dict[str, Any] | None = None
-    trusted_modules: tuple[str, ...] = ()
-    max_parameters: int | None = None
-    mlflow_secret_block: str | None = None
-
-    def __post_init__(self) -> None:
-        from tracin_tasks._uris import refuse_uri_credentials
-        from tracin_tasks.integrations.model_factory import (
-            check_max_parameters,
-            check_model_kwargs,
-            parse_trusted_modules,
-        )
-
-        if not isinstance(self.run_id, str) or not self.run_id.strip():
-            raise ConfigurationError(f"run_id must be a non-empty string, got {self.run_id!r}.")
-        refuse_uri_credentials(self.tracking_uri, "The tracking URI")
-        object.__setattr__(self, "trusted_modules", parse_trusted_modules(self.trusted_modules))
-        object.__setattr__(self, "max_parameters", check_max_parameters(self.max_parameters))
-        kwargs = check_model_kwargs(self.model_kwargs)
-        object.__setattr__(self, "model_kwargs", kwargs or None)
-        if self.mlflow_secret_block is not None and (not isinstance(self.mlflow_secret_block, str)
-                                                     or not self.mlflow_secret_block.strip()):
-            raise ConfigurationError(f"mlflow_secret_block must be a Prefect Secret block name, got "
-                                     f"{self.mlflow_secret_block!r}.")
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
-        if isinstance(self.steps, list):
-            object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
-        if self.loss not in _LOSSES:
-            raise ConfigurationError(
-                f"loss={self.loss!r}: an audit flow takes one of {_LOSSES} (a custom loss can be "
-                "used from Python with tracin_tasks.TracIn)."
-            )
-        for name in ("batch_size", "shard_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigurationError(f"{name} must be a positive integer, got {value!r}.")
-        lr = self.default_learning_rate
-        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0):
-            raise ConfigurationError(f"default_learning_rate must be a finite number >= 0 or None, got {lr!r}.")
-        if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ConfigurationError(f"device must be 'cpu', 'cuda', 'cuda:N' or None, got {self.device!r}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["layers"] = list(self.layers) if isinstance(self.layers, tuple) else self.layers
-        d["steps"] = list(self.steps) if isinstance(self.steps, tuple) else self.steps
-        d["trusted_modules"] = list(self.trusted_modules)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AuditSettings:
-        return cls(**d)
-
-    def layer_selection(self) -> str | list[str] | None:
-        """``layers`` as :class:`tracin_tasks.TracIn` takes it."""
-        return list(self.layers) if isinstance(self.layers, tuple) else self.layers
-
-    def scoring_fields(self) -> dict[str, Any]:
-        """The settings that change a cell's scores (not batch size, device or sharding)."""
-        fields = {"run_id": self.run_id, "layers": self.to_dict()["layers"], "loss": self.loss,
-                  "model_factory": self.model_factory}
-        if self.model_kwargs:
-            fields["model_kwargs"] = self.model_kwargs
-        return fields
-
-    def config_hash(self) -> str:
-        """A stable hash of the settings that change scores."""
-        return stable_hash(self.scoring_fields())
 
 
 @dataclass(frozen=True)
@@ -244,3 +129,6 @@ def plan_cells(
             cells.append(Cell(int(c["step"]), float(c["learning_rate"]), c["kind"], c["location"], start, stop, key))
     return AuditPlan(settings, audit_key, fingerprint, n_rows, tuple(cells), tuple(dict(c) for c in checkpoints),
                      tuple(warnings), model)
+
+
+from tracin_tasks.orchestration.settings import AuditSettings  # noqa: E402  (the plan's settings; defined there)
