@@ -28,6 +28,13 @@ SINK_CREDENTIALS_ADVICE = (
 )
 
 
+def _password(base: str) -> str | None:
+    try:
+        return urlsplit(base).password
+    except ValueError:  # not a URL this can parse (e.g. an IPv6 typo): nothing to find
+        return None
+
+
 def redact(uri: str | None) -> str | None:
     """``uri`` with its password and secret query values replaced by ``***``.
 
@@ -37,11 +44,7 @@ def redact(uri: str | None) -> str | None:
     if not uri:
         return uri
     base, sep, query = uri.partition("?")
-    try:
-        password = urlsplit(base).password
-    except ValueError:
-        password = None
-    if password is not None:
+    if _password(base) is not None:
         start = base.find("://") + 3
         end = min((i for i in (base.find(c, start) for c in "/#") if i != -1), default=len(base))
         at = base.rfind("@", start, end)  # the userinfo ends at the netloc's last "@"
@@ -59,10 +62,7 @@ def uri_secret(uri: str | None) -> str | None:
     if not uri or not isinstance(uri, str):
         return None
     base, _, query = uri.partition("?")
-    try:
-        password = urlsplit(base).password
-    except ValueError:
-        password = None
+    password = _password(base)
     if password:
         return password
     for key, value in parse_qsl(query, keep_blank_values=True):

@@ -9,19 +9,12 @@ settings never reads them.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tracin_tasks.exceptions import ConfigurationError
-
-
-def stable_hash(obj: Any, length: int = 16) -> str:
-    """sha256 of the canonical JSON of ``obj``."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
+from tracin_tasks.orchestration.settings import AuditSettings, stable_hash
 
 
 @dataclass(frozen=True)
@@ -129,6 +122,3 @@ def plan_cells(
             cells.append(Cell(int(c["step"]), float(c["learning_rate"]), c["kind"], c["location"], start, stop, key))
     return AuditPlan(settings, audit_key, fingerprint, n_rows, tuple(cells), tuple(dict(c) for c in checkpoints),
                      tuple(warnings), model)
-
-
-from tracin_tasks.orchestration.settings import AuditSettings  # noqa: E402  (the plan's settings; defined there)

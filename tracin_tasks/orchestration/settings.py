@@ -13,6 +13,7 @@ fields, and every check lives in the class's ``__post_init__``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -24,6 +25,12 @@ from tracin_tasks._uris import refuse_uri_credentials
 from tracin_tasks.exceptions import ConfigurationError
 
 LOSSES = ("cross_entropy", "mse")
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    """sha256 of the canonical JSON of ``obj`` (keys of plans and cells)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
 def _layers(values: list[str]) -> str | list[str]:
@@ -132,8 +139,6 @@ class AuditSettings:
 
     def config_hash(self) -> str:
         """A stable hash of the settings that change scores."""
-        from tracin_tasks.orchestration.plan import stable_hash
-
         return stable_hash(self.scoring_fields())
 
 

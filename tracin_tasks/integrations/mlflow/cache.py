@@ -21,11 +21,11 @@ import time
 from collections.abc import Iterator
 from pathlib import PurePosixPath
 
+from tracin_tasks._checks import check_mlflow_id
 from tracin_tasks.exceptions import CheckpointError, ConfigurationError
 
 logger = logging.getLogger(__name__)
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,255}$")
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
 _TMP_NAME = re.compile(r"^\.(?:download|fresh)-(?:(?P<host>[A-Za-z0-9.]+)-(?P<pid>\d+)-)?")
 _STALE_SECONDS = 6 * 3600
@@ -45,11 +45,7 @@ def safe_relpath(path: str) -> str:
 
 def safe_id(value: str, what: str) -> str:
     """Run and model ids become folder names in the cache: refuse anything but a plain name."""
-    if not isinstance(value, str) or not _ID_RE.match(value):
-        raise ConfigurationError(
-            f"{what} {value!r} is not an MLflow id (letters, digits, '_' and '-' only); check the value."
-        )
-    return value
+    return check_mlflow_id(value, what)
 
 
 def _tmp_prefix(kind: str) -> str:

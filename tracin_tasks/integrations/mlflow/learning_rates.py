@@ -15,14 +15,10 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+from tracin_tasks._checks import usable_lr
 from tracin_tasks.exceptions import LearningRateError
 
 logger = logging.getLogger(__name__)
-
-
-def usable_lr(lr: float) -> bool:
-    """Finite and >= 0; MLflow stores an infinite metric as ±sys.float_info.max, so that is out too."""
-    return math.isfinite(lr) and 0 <= lr < sys.float_info.max
 
 
 def _lr_text(lr: float) -> str:

@@ -198,3 +198,17 @@ def log_checkpoint(
     client.log_metric(run_id, LR_METRIC, lr, step=step)
     client.set_tag(run_id, AUDITABLE_TAG, "true")  # lets a scheduled audit find the run
     return f"{folder}/state_dict.pt"
+
+
+def create_child_run(tracking_uri: str | None, parent_run_id: str, run_name: str, note: str,
+                     tags: dict[str, str]) -> tuple[Any, Any, Any]:
+    """A run nested under ``parent_run_id`` in the MLflow UI (tag ``mlflow.parentRunId``), with a note.
+
+    Returns:
+        ``(client, parent run, new run)``.
+    """
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(parent.info.experiment_id, run_name=run_name,
+                            tags={"mlflow.parentRunId": parent_run_id, **tags, "mlflow.note.content": note})
+    return client, parent, run

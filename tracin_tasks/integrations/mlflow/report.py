@@ -17,6 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pandas as pd
 
 from tracin_tasks.exceptions import TrackingServerUnavailableError, require_extra
+from tracin_tasks.integrations.mlflow.logging import create_child_run
 
 mlflow = require_extra("mlflow", "mlflow")
 
@@ -74,20 +75,11 @@ def _log_audit(
         # MLflow prints "View run … at: <tracking URI>/#/…" to stdout when a run ends, password
         # included; the audit reports its own link (ui_url, without credentials) instead
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    parent = client.get_run(training_run_id)
-    run = client.create_run(
-        parent.info.experiment_id,
-        run_name=f"tracin-audit-{training_run_id[:8]}",
-        tags={
-            "mlflow.parentRunId": training_run_id,
-            "tracin.audit_of": training_run_id,
-            "tracin.audit_key": str(info.get("audit_key", "")),
-            "mlflow.note.content": (
-                f"TracIn label audit of run {training_run_id}: {summary['flagged']} of {summary['rows']} rows "
-                f"flagged ({summary['policy']}). Open report.html under Artifacts."
-            ),
-        },
+    client, parent, run = create_child_run(
+        tracking_uri, training_run_id, f"tracin-audit-{training_run_id[:8]}",
+        f"TracIn label audit of run {training_run_id}: {summary['flagged']} of {summary['rows']} rows "
+        f"flagged ({summary['policy']}). Open report.html under Artifacts.",
+        {"tracin.audit_of": training_run_id, "tracin.audit_key": str(info.get("audit_key", ""))},
     )
     run_id = run.info.run_id
     status = "FAILED"

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
+from tracin_tasks._checks import check_default_learning_rate, check_mlflow_id, check_positive_int, parse_steps
 from tracin_tasks.core.checkpoint import Checkpoint
 from tracin_tasks.core.table import TrainingTable
-from tracin_tasks.exceptions import CheckpointError, ConfigurationError, ModelFactoryError, NoCheckpointsError
-from tracin_tasks.integrations.mlflow.cache import RunCache, read_small_json, safe_id, safe_relpath
+from tracin_tasks.exceptions import CheckpointError, ModelFactoryError, NoCheckpointsError
+from tracin_tasks.integrations.mlflow.cache import RunCache, read_small_json, safe_relpath
 from tracin_tasks.integrations.mlflow.client import TrackingClient
 from tracin_tasks.integrations.mlflow.data import read_training_table
 from tracin_tasks.integrations.mlflow.layouts import WEIGHT_SUFFIXES, CheckpointRef, find_checkpoints, read_checkpoint
-from tracin_tasks.integrations.mlflow.learning_rates import checked_learning_rates, usable_lr
+from tracin_tasks.integrations.mlflow.learning_rates import checked_learning_rates
 from tracin_tasks.integrations.mlflow.logging import FACTORY_SPEC, LR_METRIC
 from tracin_tasks.integrations.model_factory import (
     FactoryTrust,
@@ -34,24 +34,6 @@ from tracin_tasks.integrations.model_factory import (
     check_model_kwargs,
     max_parameters_from_env,
 )
-
-
-def parse_steps(steps: Sequence[int] | str | None) -> tuple[list[int] | None, int | None]:
-    """``None`` (all), a list of steps, or ``"every:K"`` → (wanted steps, K)."""
-    if steps is None:
-        return (None, None)
-    if isinstance(steps, str):
-        m = re.fullmatch(r"every:(\d+)", steps.strip())
-        if not m or int(m.group(1)) < 1:
-            raise ConfigurationError(f"steps={steps!r}: expected a list of steps or 'every:K' with K ≥ 1.")
-        return (None, int(m.group(1)))
-    try:
-        wanted = [int(s) for s in steps]
-    except (TypeError, ValueError):
-        raise ConfigurationError(f"steps must be a list of integers or 'every:K', got {steps!r}.") from None
-    if not wanted:
-        raise ConfigurationError("steps=[] selects no checkpoint; pass None for all of them.")
-    return (wanted, None)
 
 
 class MlflowCheckpointSource:
@@ -113,16 +95,12 @@ class MlflowCheckpointSource:
         trusted_modules: Sequence[str] | str | None = None,
         max_parameters: int | None = None,
     ):
-        if not isinstance(run_id, str) or not run_id.strip():
-            raise ConfigurationError(f"run_id must be a non-empty string, got {run_id!r}.")
-        self.run_id = safe_id(run_id.strip(), "run_id")
+        self.run_id = check_mlflow_id(run_id, "run_id")
         self.client = TrackingClient(tracking_uri, retries, backoff)
         self.tracking_uri = self.client.uri
         self.cache = RunCache(self.client, self.run_id, cache_dir)
         self.steps = parse_steps(steps)
-        if max_checkpoints is not None and (not isinstance(max_checkpoints, int) or max_checkpoints < 1):
-            raise ConfigurationError(f"max_checkpoints must be a positive integer, got {max_checkpoints!r}.")
-        self.max_checkpoints = max_checkpoints
+        self.max_checkpoints = check_positive_int(max_checkpoints, "max_checkpoints")
         self.lr_metric = lr_metric
         self.artifact_path = safe_relpath(artifact_path) if artifact_path else None
         self.model_factory = model_factory
@@ -130,14 +108,7 @@ class MlflowCheckpointSource:
         self.trust = FactoryTrust.from_settings(trusted_modules)
         self.max_parameters = check_max_parameters(max_parameters) or max_parameters_from_env()
         self.allow_pickle = bool(allow_pickle)
-        if default_learning_rate is not None and (
-            isinstance(default_learning_rate, bool) or not isinstance(default_learning_rate, (int, float))
-            or not usable_lr(float(default_learning_rate))
-        ):
-            raise ConfigurationError(
-                f"default_learning_rate must be a finite number >= 0 or None, got {default_learning_rate!r}."
-            )
-        self.default_learning_rate = None if default_learning_rate is None else float(default_learning_rate)
+        self.default_learning_rate = check_default_learning_rate(default_learning_rate)
         self.warnings: list[str] = []
         self._run = None
         self._refs: list[CheckpointRef] | None = None

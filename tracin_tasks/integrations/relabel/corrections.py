@@ -139,24 +139,14 @@ def apply_corrections(
 
 def _log_relabel_run(run_id: str, tracking_uri: str | None, table: Any, corrected: pd.DataFrame,
                      files: dict[str, str], result: dict[str, Any]) -> str:
-    import mlflow
+    from tracin_tasks.integrations.mlflow.logging import create_child_run, log_training_data
 
-    from tracin_tasks.integrations.mlflow.logging import log_training_data
-
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    parent = client.get_run(run_id)
-    run = client.create_run(
-        parent.info.experiment_id,
-        run_name=f"tracin-relabel-{run_id[:8]}",
-        tags={
-            "mlflow.parentRunId": run_id,
-            RELABEL_OF_TAG: run_id,
-            "mlflow.note.content": (
-                f"Corrected training data of run {run_id}: {result['changed']} labels changed, "
-                f"{result['confirmed']} confirmed, {result['skipped']} skipped. Train on it with "
-                f"tracin_tasks.mlflow.load_corrected_training_data('{run_id}')."
-            ),
-        },
+    client, parent, run = create_child_run(
+        tracking_uri, run_id, f"tracin-relabel-{run_id[:8]}",
+        f"Corrected training data of run {run_id}: {result['changed']} labels changed, "
+        f"{result['confirmed']} confirmed, {result['skipped']} skipped. Train on it with "
+        f"tracin_tasks.mlflow.load_corrected_training_data('{run_id}').",
+        {RELABEL_OF_TAG: run_id},
     )
     status = "FAILED"
     try:
