@@ -546,7 +546,7 @@ def test_password_in_the_tracking_uri_is_refused_before_anything_stores_it(api, 
     stderr = (tmp_path / "logs" / "cli.err").read_text(errors="replace")
     assert proc.returncode == 2, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("error: --tracking-uri 'http://auditor:***@127.0.0.1:"), errors
+    assert len(errors) == 1 and errors[0].startswith("error: The tracking URI 'http://auditor:***@127.0.0.1:"), errors
     assert "MLFLOW_TRACKING_PASSWORD" in errors[0] and "--mlflow-secret-block" in errors[0]
     assert not out.exists()
     needle = URI_SECRET.encode()
