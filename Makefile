@@ -70,8 +70,13 @@ test-deps:
 demo: venv
 	$(BIN)/tracin-tasks demo --workdir .demo
 
+# Two test processes, each taking whole test modules (module-scoped fixtures stay in one process);
+# each process has its own state folder and starts the servers its modules need. TEST_WORKERS=0
+# runs everything in this process.
+TEST_WORKERS ?= 2
+
 test: test-deps
-	TRACIN_LABEL_STUDIO_VENV=$(LS_VENV) $(BIN)/python -m pytest -q
+	TRACIN_LABEL_STUDIO_VENV=$(LS_VENV) $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 bench: venv
 	$(BIN)/python benchmarks/bench_core.py

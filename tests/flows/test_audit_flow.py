@@ -10,13 +10,12 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from _harness import cli_output
 
 SHARD = 600
 N_CELLS = 9  # 3 checkpoints x ceil(1797 / 600)
@@ -51,13 +50,13 @@ def cli_audit(digits_run, support, tmp_path_factory):
     Prefect's temporary server, in a PREFECT_HOME that does not exist yet, from an empty cwd.
     """
     root = tmp_path_factory.mktemp("cli")
-    env = support.subprocess_env(root / "state", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
+    env = support.subprocess_env(root / "state")
     (root / "cwd").mkdir()
     out = root / "audit-out"
-    run = start_cli(["audit", "--run-id", digits_run.run_id, "--tracking-uri", digits_run.tracking_uri,
-                     "--output", str(out), "--shard-size", "900", "--batch-size", "300", "--no-validate",
-                     "--no-mlflow-report"], env, root / "cwd", root)
-    run.update(out=out, prefect_home=Path(env["PREFECT_HOME"]), cwd=root / "cwd")
+    proc = support.start_cli(["audit", "--run-id", digits_run.run_id, "--tracking-uri", digits_run.tracking_uri,
+                              "--output", str(out), "--shard-size", "900", "--batch-size", "300", "--no-validate",
+                              "--no-mlflow-report"], env, root, cwd=root / "cwd")
+    run = {"proc": proc, "logs": root, "out": out, "prefect_home": Path(env["PREFECT_HOME"]), "cwd": root / "cwd"}
     yield run
     if run["proc"].poll() is None:
         support.stop_process(run["proc"])
@@ -211,18 +210,9 @@ AUDIT_OPTIONS = ["--run-id", "--tracking-uri", "--output", "--results-uri", "--t
                  "--model-factory", "--allow-pickle"]
 
 
-def start_cli(args, env, cwd: Path, logs: Path) -> dict:
-    """The CLI in a subprocess, its output in files (a full pipe would stall it while nobody reads)."""
-    with open(logs / "cli.out", "wb") as out, open(logs / "cli.err", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "tracin_tasks.cli", *args], env=env, cwd=cwd,
-                                stdout=out, stderr=err)
-    return {"proc": proc, "logs": logs}
-
-
 def finish_cli(run, timeout) -> tuple[int, str, str]:
     run["proc"].wait(timeout=timeout)
-    read = lambda name: (run["logs"] / name).read_text(errors="replace")  # noqa: E731
-    return run["proc"].returncode, read("cli.out"), read("cli.err")
+    return (run["proc"].returncode, *cli_output(run["logs"]))
 
 
 def test_cli_audit_in_a_fresh_prefect_home(cli_audit, digits_run, support):

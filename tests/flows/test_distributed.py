@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from _harness import cli_output as output
 
 SHARD = 300
 BATCH = 60  # divides SHARD, so cells batch rows exactly as the direct computation does
@@ -44,16 +45,19 @@ def build_mlp_slowly(**kwargs):
     return build_mlp(**kwargs)
 """
 N_CELLS = 18  # 3 checkpoints x ceil(1797 / 300)
-START_TIMEOUT = 120
+START_TIMEOUT = 240  # generous: nothing here asserts on timing
 
 
 @pytest.fixture(scope="module")
-def cluster(support, digits_run, tmp_path_factory):
-    """Start the server, scheduler and workers at once; stop each by PID afterwards."""
+def cluster(prefect_api, support, digits_run, tmp_path_factory):
+    """Start the server, scheduler and workers at once; stop each by PID afterwards.
+
+    The session's Prefect test server (``prefect_api``) starts first even though the audit here
+    talks to its own server: Prefect's events worker is process-wide and binds to the first server
+    this process talks to, and one bound to this module's server (gone after the module) would hang
+    the session's teardown when this module runs before any other Prefect test in its process."""
     root = tmp_path_factory.mktemp("distributed")
     home = root / "state"
-    for sub in ("prefect", "cache", "dask", "matplotlib"):
-        (home / sub).mkdir(parents=True, exist_ok=True)
     api_port, scheduler_port = support.free_port(), support.free_port()
     while scheduler_port == api_port:
         scheduler_port = support.free_port()
@@ -62,18 +66,21 @@ def cluster(support, digits_run, tmp_path_factory):
     models = root / "models"
     models.mkdir()
     (models / "slow_digits_factory.py").write_text(SLOW_FACTORY_SOURCE)
-    env = support.subprocess_env(home, PREFECT_API_URL=api, DISTRIBUTED_FACTORY_HOLD=str(root / "hold"))
+    env = support.subprocess_env(home, make_dirs=True, PREFECT_API_URL=api, DISTRIBUTED_FACTORY_HOLD=str(root / "hold"))
     env["PYTHONPATH"] = os.pathsep.join([str(models), env["PYTHONPATH"]])
 
     procs: dict[str, subprocess.Popen] = {}
     logs: dict[str, Path] = {}
-    handles = []
 
     def start(name, cmd, env_):
         logs[name] = root / f"{name}.log"
-        handle = open(logs[name], "wb")
-        handles.append(handle)
-        procs[name] = subprocess.Popen(cmd, env=env_, cwd=root, stdout=handle, stderr=subprocess.STDOUT)
+        procs[name] = support.start_logged(cmd, env=env_, cwd=root, log=logs[name])
+
+    def workers_connected(client) -> bool:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{support.tail(logs[name])}")
+        return len(client.scheduler_info()["workers"]) >= 2
 
     bin_ = support.BIN
     try:
@@ -90,24 +97,15 @@ def cluster(support, digits_run, tmp_path_factory):
 
         from distributed import Client
 
-        deadline = time.monotonic() + START_TIMEOUT
         with Client(scheduler, timeout=START_TIMEOUT) as client:
-            while len(client.scheduler_info()["workers"]) < 2:
-                for name, proc in procs.items():
-                    if proc.poll() is not None:
-                        raise RuntimeError(f"{name} exited with {proc.returncode}:\n{support.tail(logs[name])}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the Dask workers did not connect:\n"
-                                       + "\n".join(support.tail(logs[f"worker{i}"]) for i in range(2)))
-                time.sleep(0.5)
+            support.wait_for(lambda: workers_connected(client), START_TIMEOUT, interval=0.5,
+                             what="both Dask workers connected")
             workers = client.scheduler_info()["workers"]
             assert sorted(w["resources"].get("GPU") for w in workers.values()) == [1, 1]
         yield {"root": root, "env": env, "api": api, "scheduler": scheduler, "procs": procs, "logs": logs}
     finally:
         for name in sorted(procs, key=lambda n: n == "prefect-server"):  # workers first, the server last
             support.stop_process(procs[name])
-        for handle in handles:
-            handle.close()
 
 
 def _executing_cells(dask_worker):
@@ -161,24 +159,13 @@ class VictimFinder:
         return None
 
 
-def cli(args, env, cwd: Path):
-    """The CLI in a subprocess, its output in files (a full pipe would stall it while nobody reads)."""
-    with open(cwd / "cli.out", "wb") as out, open(cwd / "cli.err", "wb") as err:
-        return subprocess.Popen([sys.executable, "-m", "tracin_tasks.cli", *args], env=env, cwd=cwd,
-                                stdout=out, stderr=err)
-
-
-def output(cwd: Path) -> tuple[str, str]:
-    return (cwd / "cli.out").read_text(errors="replace"), (cwd / "cli.err").read_text(errors="replace")
-
-
 def test_audit_survives_a_killed_worker(cluster, digits_run, support, capsys, monkeypatch):
     out = cluster["root"] / "audit"
     args = ["audit", "--run-id", digits_run.run_id, "--tracking-uri", digits_run.tracking_uri, "--output", str(out),
             "--task-runner", cluster["scheduler"], "--gpu", "--shard-size", str(SHARD), "--batch-size", str(BATCH),
             "--model-factory", SLOW_FACTORY, "--no-validate", "--no-mlflow-report"]
     procs = cluster["procs"]
-    audit = cli(args, cluster["env"], cluster["root"])
+    audit = support.start_cli(args, cluster["env"], cluster["root"])
     try:
         # once a cell is stored, kill a worker in the middle of another one
         deadline = time.monotonic() + 300

@@ -2,58 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 
-# MLflow reads this once, when it is imported (mlflow/__init__ starts its telemetry client).
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-import mlflow  # noqa: E402
-import mlflow.tracking.fluent as _fluent  # noqa: E402
-from mlflow.tracking._tracking_service import utils as _tracking_utils  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 MLP_FACTORY = "tracin_tasks.examples.digits:build_mlp"
-MLFLOW_BIN = Path(sys.executable).parent / "mlflow"
-
-
-def guard_mlflow_globals(mp: pytest.MonkeyPatch) -> None:
-    """Make ``mp``'s undo restore MLflow's global tracking URI and active experiment."""
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        mp.setenv(name, "placeholder")  # records the original value (or its absence) ...
-        mp.delenv(name)  # ... and then removes it for the duration
-    mp.setattr(_tracking_utils, "_tracking_uri", None)
-    mp.setattr(_fluent, "_active_experiment_id", None)
-
-
-@contextlib.contextmanager
-def mlflow_target(uri: str):
-    """Point MLflow's fluent API at ``uri`` for a block; everything global is put back after."""
-    with pytest.MonkeyPatch.context() as mp:
-        guard_mlflow_globals(mp)
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            while mlflow.active_run() is not None:
-                mlflow.end_run()
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def evolve(model: torch.nn.Module, seed: int, scale: float = 0.05) -> dict[str, torch.Tensor]:
@@ -91,11 +49,3 @@ class SmallDigits:
 
     def dataset(self) -> torch.utils.data.TensorDataset:
         return torch.utils.data.TensorDataset(torch.from_numpy(self.images.copy()), torch.from_numpy(self.labels.copy()))
-
-
-@dataclass(frozen=True)
-class DigitsRun:
-    run_id: str
-    uri: str
-    epochs: int
-    learning_rate: float

@@ -1,45 +1,28 @@
-"""Fixtures for the MLflow integration tests: tracking stores in tmp folders, a real server, runs.
+"""Fixtures for the MLflow integration tests: tracking stores in tmp folders, a real server, data.
 
-Nothing here writes outside pytest's tmp folders and nothing downloads: the sqlite store and the
-server keep their databases and artifacts under tmp, the tracin-tasks cache is a tmp folder, and
-the working directory is a tmp folder while these tests run (MLflow resolves some defaults, like
-``./mlflow.db``, against it).
+Nothing here writes outside the session's tmp folders and nothing downloads: the sqlite store and
+the server (the session's, tests/_harness) keep their databases and artifacts under tmp, each
+test gets its own tracin-tasks cache, and the working directory is a tmp folder (MLflow resolves
+some defaults, like ``./mlflow.db``, against it). The digits run is the session's (tests/_harness).
 """
 
 from __future__ import annotations
 
-import os
-
-# MLflow reads this once, when it is imported, so it is set before anything imports mlflow; the
-# session fixture below sets it again through monkeypatch.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-import urllib.request  # noqa: E402
-import uuid  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pandas as pd
+import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
-from ._support import MLFLOW_BIN, DigitsRun, SmallDigits, Store, free_port, guard_mlflow_globals, mlflow_target  # noqa: E402
+from _harness import guard_mlflow_globals  # noqa: E402
+
+from ._support import SmallDigits, Store  # noqa: E402
 
 
 # -- environment ------------------------------------------------------------------------------
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_environment(tmp_path_factory):
-    """Telemetry off, progress bars off, caches and the working directory in tmp."""
-    home = tmp_path_factory.mktemp("session")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        mp.setenv("TRACIN_TASKS_CACHE_DIR", str(home / "tracin-cache"))
-        mp.chdir(home)
-        yield home
+def _session_cwd(session_cwd):
+    return session_cwd
 
 
 @pytest.fixture(autouse=True)
@@ -62,61 +45,16 @@ def sqlite_store(tmp_path_factory) -> Store:
     return store
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> Store:
-    """A real ``mlflow server`` on a free port, sqlite backend and artifacts under tmp."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    log_path = root / "server.log"
-    cmd = [
-        str(MLFLOW_BIN), "server", "--host", "127.0.0.1", "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{root / 'srv.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-        "--workers", "1",
-    ]
-    uri = f"http://127.0.0.1:{port}"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"mlflow server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-                try:
-                    with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except OSError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server not healthy after 60 s:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.25)
-            yield Store("server", uri, None)
-        finally:
-            _stop(proc)
-
-
 @pytest.fixture
 def store(request) -> Store:
-    """Indirect parametrisation: ``"sqlite"`` or ``"server"`` (started only when asked for)."""
-    kind = getattr(request, "param", "sqlite")
-    return request.getfixturevalue("mlflow_server" if kind == "server" else "sqlite_store")
+    """Indirect parametrisation: ``"sqlite"`` or ``"server"`` (the session's ``mlflow server``,
+    started only when asked for)."""
+    if getattr(request, "param", "sqlite") == "server":
+        return Store("server", request.getfixturevalue("mlflow_server").uri, None)
+    return request.getfixturevalue("sqlite_store")
 
 
-# -- data and runs -----------------------------------------------------------------------------
+# -- data --------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def small_digits() -> SmallDigits:
     """300 digits rows (10% of labels flipped) with unique, scrambled row ids."""
@@ -132,17 +70,3 @@ def small_digits() -> SmallDigits:
     frame.insert(0, "label", labels)
     frame.insert(0, "row_id", row_ids)
     return SmallDigits(frame, images, labels, row_ids)
-
-
-@pytest.fixture(scope="module")
-def digits_run(sqlite_store) -> DigitsRun:
-    """``train_digits_run`` (MLP, 3 epochs) logged to the sqlite store, artifacts in tmp."""
-    from tracin_tasks.examples.train_digits import train_digits_run
-
-    experiment = f"tracin-digits-{uuid.uuid4().hex[:8]}"
-    mlflow.MlflowClient(tracking_uri=sqlite_store.uri).create_experiment(
-        experiment, artifact_location=(sqlite_store.artifact_root / experiment).as_uri()
-    )
-    with mlflow_target(sqlite_store.uri):
-        run_id = train_digits_run(sqlite_store.uri, experiment=experiment, epochs=3, model="mlp")
-    return DigitsRun(run_id, sqlite_store.uri, epochs=3, learning_rate=0.05)

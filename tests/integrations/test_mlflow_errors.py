@@ -26,7 +26,9 @@ from tracin_tasks.examples.digits import build_mlp
 from tracin_tasks.integrations.mlflow.cache import safe_relpath
 from tracin_tasks.integrations.mlflow.layouts import CheckpointRef
 
-from ._support import MLP_FACTORY, free_port, mlflow_target
+from _harness import free_port, mlflow_target
+
+from ._support import MLP_FACTORY
 
 MISSING_RUN = "0123456789abcdef0123456789abcdef"
 

@@ -24,7 +24,9 @@ from tracin_tasks.examples.digits import build_mlp, load_noisy_digits, recall_at
 from tracin_tasks.exceptions import CheckpointError, ConfigurationError, NoCheckpointsError, UnsafeCheckpointError
 from tracin_tasks.core.weights import read_pt2_file as read_pt2_state_dict
 
-from ._support import MLP_FACTORY, REPO_ROOT, evolve, mlflow_target
+from _harness import REPO_ROOT, mlflow_target
+
+from ._support import MLP_FACTORY, evolve
 
 # The audit a worker runs: nothing but the run id and the tracking URI.
 AUDIT_SCRIPT = r"""

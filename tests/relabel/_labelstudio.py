@@ -18,16 +18,17 @@ import glob
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: the harness is in the folder above
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _harness.procs import free_port, stop_process, start_logged, tail, wait_for_http  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 STATE_DIR = REPO_ROOT / ".state" / "label-studio"
@@ -61,12 +62,6 @@ def server_version(venv: Path) -> str:
     return Path(found[0]).name[len("label_studio-"):-len(".dist-info")] if found else "unknown"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_env(venv: Path, root: Path, data_dir: Path) -> dict[str, str]:
     """The server's environment: state under ``root``, no analytics, error reports or version checks."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(_DROPPED_PREFIXES)}
@@ -89,13 +84,6 @@ def server_env(venv: Path, root: Path, data_dir: Path) -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
     })
     return env
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def ensure_template(venv: Path, timeout: float = 900.0) -> Path:
@@ -124,7 +112,7 @@ def ensure_template(venv: Path, timeout: float = 900.0) -> Path:
                 stdin=subprocess.DEVNULL, timeout=timeout,
             )
         if proc.returncode != 0 or not (data / "label_studio.sqlite3").exists():
-            raise RuntimeError(f"label-studio init failed (exit {proc.returncode}):\n{_tail(log)}")
+            raise RuntimeError(f"label-studio init failed (exit {proc.returncode}):\n{tail(log)}")
         shutil.rmtree(build / "home", ignore_errors=True)  # per-run state, not part of the template
         (build / "template.json").write_text(json.dumps({
             "version": version, "token": TOKEN, "admin": ADMIN_EMAIL,
@@ -168,43 +156,23 @@ class LabelStudioServer:
 
     def start(self, timeout: float = 240.0) -> None:
         started = time.monotonic()
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [str(self.venv / "bin" / "label-studio"), "start", "--no-browser",
-                 "--internal-host", "127.0.0.1", "--port", str(self.port)],
-                cwd=self.root, env=server_env(self.venv, self.root, self.data), stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"Label Studio exited with {self.proc.returncode} while starting:\n{_tail(self.log)}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        self.start_seconds = time.monotonic() - started
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise RuntimeError(f"Label Studio did not answer on {self.url}/health within {timeout:.0f} s "
-                           f"(it moves to another port when {self.port} is taken):\n{_tail(self.log)}")
+        self.proc = start_logged(
+            [str(self.venv / "bin" / "label-studio"), "start", "--no-browser",
+             "--internal-host", "127.0.0.1", "--port", str(self.port)],
+            env=server_env(self.venv, self.root, self.data), cwd=self.root, log=self.log, new_session=True,
+        )
+        try:
+            wait_for_http(f"{self.url}/health", self.proc, self.log, timeout)
+        except TimeoutError as exc:
+            self.stop()
+            raise RuntimeError(f"Label Studio did not answer on {self.url}/health within {timeout:.0f} s "
+                               f"(it moves to another port when {self.port} is taken)") from exc
+        self.start_seconds = time.monotonic() - started
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # start_new_session: the server leads its own group
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        if proc is not None:
+            stop_process(proc, grace=20, group=True)  # start_new_session: the server leads its own group
 
     def client(self):
         from label_studio_sdk import LabelStudio

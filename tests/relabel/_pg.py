@@ -12,11 +12,11 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+
+from _harness.procs import free_port, start_logged, stop_process, wait_for
 
 
 def find_bindir() -> Path | None:
@@ -25,12 +25,6 @@ def find_bindir() -> Path | None:
             return Path(candidate)
     on_path = shutil.which("initdb")
     return Path(on_path).parent if on_path and shutil.which("postgres") else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:
@@ -42,7 +36,7 @@ class PostgresServer:
         self.data = self.root / "data"
         self.sock = self.root / "sock"
         self.log = self.root / "server.log"
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self._user = None
         if os.geteuid() == 0:
@@ -65,38 +59,28 @@ class PostgresServer:
             check=True, capture_output=True, timeout=180,
         )
 
-    def start(self, timeout: float = 60) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self._as_owner([str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
-                                "-k", str(self.sock), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
-                                "-c", "max_connections=40"]),
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"postgres exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    pass
-                import psycopg
+    def start(self, timeout: float = 180) -> None:
+        self.proc = start_logged(
+            self._as_owner([str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                            "-k", str(self.sock), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+                            "-c", "max_connections=40"]),
+            env=os.environ, cwd=self.root, log=self.log, new_session=True,
+        )
+        wait_for(self._accepts, timeout, interval=0.3, what="postgres accepting connections", proc=self.proc,
+                 log=self.log)
 
-                with psycopg.connect(f"host=127.0.0.1 port={self.port} user=tracin dbname=postgres", connect_timeout=2):
-                    return
-            except Exception:
-                time.sleep(0.3)
-        raise RuntimeError(f"postgres did not accept connections in {timeout}s:\n{self.log.read_text()[-3000:]}")
+    def _accepts(self) -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(f"host=127.0.0.1 port={self.port} user=tracin dbname=postgres", connect_timeout=2):
+                return True
+        except Exception:  # noqa: BLE001 - not up yet
+            return False
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGINT)  # "fast" shutdown
-            self.proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_process(self.proc, grace=30, group=True, sig=signal.SIGINT)  # SIGINT: a "fast" shutdown
 
     def create_database(self, name: str) -> str:
         import psycopg

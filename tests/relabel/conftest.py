@@ -1,47 +1,13 @@
-"""Fixtures of the relabel tests: SQLite and a real PostgreSQL server, a trained MLflow run, Prefect.
-
-The environment (Prefect home, caches, telemetry off) comes from tests/orchestration/_support.py,
-loaded by path like tests/flows does, so one training run serves every folder of a session.
-"""
+"""Fixtures of the relabel tests: SQLite and a real PostgreSQL server (the digits run, Prefect's
+test server and the environment come from the shared harness, tests/_harness)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
 from ._pg import PostgresServer, find_bindir
-
-_NAME = "_tracin_orchestration_test_support"
-
-
-def _load_support():
-    if _NAME not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "orchestration" / "_support.py"
-        spec = importlib.util.spec_from_file_location(_NAME, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[_NAME] = module
-        spec.loader.exec_module(module)
-    return sys.modules[_NAME]
-
-
-support_module = _load_support()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _our_environment():
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in support_module.quiet_env(support_module.STATE).items():
-            mp.setenv(key, value)
-        yield
-
-
-@pytest.fixture(scope="session")
-def support():
-    return support_module
 
 
 @pytest.fixture(scope="session")
@@ -75,17 +41,3 @@ def queue_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'queue.db'}"
     return request.getfixturevalue("pg_url")
-
-
-@pytest.fixture(scope="session")
-def digits_run():
-    return support_module.digits_run()
-
-
-@pytest.fixture(scope="session")
-def prefect_api(request):
-    """The session's Prefect test server (tests/conftest.py); the run trains while it starts."""
-    trainer = support_module.train_in_background()
-    url = request.getfixturevalue("prefect_harness")
-    trainer.join()
-    return url

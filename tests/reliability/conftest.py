@@ -1,37 +1,25 @@
-"""Fixtures of the reliability tests (bad input, faults, security): one environment, one Prefect
-test server, and small real MLflow training runs with a knob for each defect.
-
-The environment comes from ``tests/orchestration/_support.py``, loaded by path under the name
-the flow tests use, so a pytest process keeps one state folder (Prefect's home, the tracin-tasks
-download cache, Dask's scratch space, matplotlib) whichever of these folders it runs. It is set
-when this file is imported, before any test module imports Prefect.
+"""Fixtures of the reliability tests (bad input, faults, security, trust, outputs), on top of the
+shared harness (tests/_harness: the environment, Prefect's test server as ``prefect_api``, the
+digits run, ``MlflowStore``).
 
 What is here:
 
-* ``prefect_api`` (session): Prefect's test harness, one server on a free port for every module;
-* ``mlflow_store`` (session): an MLflow sqlite store under the state folder, and
-  :meth:`MlflowStore.log_run` to log a small training run (iris, a tiny MLP, 2 checkpoints by
-  default) through the ``tracin_tasks.mlflow`` helpers, or with any part written by hand
-  (bypassing the helpers' checks), missing, or wrong;
+* ``api``: the session's Prefect test server, for in-process flows and for subprocesses
+  (``PREFECT_API_URL``), so no subprocess pays for a temporary server of its own;
+* ``mlflow_store`` (session): an MLflow sqlite store under the state folder, whose
+  :meth:`~_harness.iris.MlflowStore.log_run` logs a small iris run with any defect;
+* ``server_run``: the digits run logged through the harness's ``crashable_server``, a real
+  ``mlflow server`` the fault tests crash and start again (it starts while Prefect's does);
 * ``instant_task_retries``: the audit flow's tasks keep their retries but do not wait between them;
 * helpers: :func:`audit` (the flow in this process), :func:`cli` (``tracin_tasks.cli.main``),
-  :func:`leftovers` (what a failed audit left in its output folder), :func:`expected_scores`
-  (self-influence from the core on the same run, the oracle for a successful audit).
+  :func:`assert_scores_match` (the audit's scores against the core's on the same run).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
-import json
-import math
-import os
-import sys
-import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,65 +27,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-_NAME = "_tracin_orchestration_test_support"
+from _harness import STATE, core_scores, restored_environ
+from _harness.files import leftovers  # noqa: F401 - for the test modules
+from _harness.iris import ARCH, DATA_PATH, FACTORY, LoggedRun, MlflowStore, iris_frame  # noqa: F401
+from _harness.runs import mlflow_target as tracking_uri_set  # noqa: F401 - the name test_bad_input uses
 
-
-def _load_support():
-    if _NAME not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "orchestration" / "_support.py"
-        spec = importlib.util.spec_from_file_location(_NAME, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[_NAME] = module
-        spec.loader.exec_module(module)
-    return sys.modules[_NAME]
-
-
-support = _load_support()  # sets PREFECT_HOME & co. now, before any test module imports Prefect
-STATE: Path = support.STATE
-
-#: the model every small run records: ``build_mlp(in_features=4, n_classes=3, hidden=8)``
-FACTORY = "tracin_tasks.examples.digits:build_mlp"
-ARCH = {"in_features": 4, "n_classes": 3, "hidden": 8}
-FEATURES = ("f0", "f1", "f2", "f3")
-DATA_NAME = "training_data"
-DATA_PATH = f"training_data/{DATA_NAME}.parquet"
-
-
-# -- environment ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _our_environment():
-    """Our state folders in os.environ while these tests run (another folder may have set its own);
-    Prefect's variables stay as they are once Prefect is configured in this process."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in support.quiet_env(STATE).items():
-            if key.startswith("PREFECT_") and os.environ.get(key):
-                continue
-            mp.setenv(key, value)
-        yield
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    with support.one_torch_thread():
-        yield
-
-
-def _wants(session, *filenames: str) -> bool:
-    return any(Path(str(item.path)).name in filenames for item in session.items)
+from . import _faults_support as support
 
 
 @pytest.fixture(scope="session")
-def prefect_api(request) -> str:
-    """Prefect's test harness (a temporary server on a free port) for the whole session.
-
-    When the fault or security tests are selected, the digits run they audit trains while the
-    server starts.
-    """
-    trainer = support.train_in_background() if _wants(request.session, "test_faults.py", "test_security.py") else None
-    url = request.getfixturevalue("prefect_harness")  # the session's one server (tests/conftest.py)
-    if trainer is not None:
-        trainer.join()
-    return url
+def api(prefect_api) -> str:
+    return prefect_api
 
 
 @pytest.fixture
@@ -112,183 +52,19 @@ def instant_task_retries(monkeypatch):
     monkeypatch.setattr(tasks, "score_cell_task", tasks.score_cell_task.with_options(retry_delay_seconds=0))
 
 
-# -- small training runs ------------------------------------------------------------------------------
-def iris_frame(rows: int = 60, seed: int = 0) -> pd.DataFrame:
-    """``rows`` rows of scikit-learn's iris (shuffled, seeded): row_id ``iris-NNN``, f0..f3, label 0..2."""
-    from sklearn.datasets import load_iris
-
-    data = load_iris()
-    order = np.random.default_rng(seed).permutation(len(data.target))[:rows]
-    frame = pd.DataFrame(data.data[order].astype(np.float64), columns=list(FEATURES))
-    frame.insert(0, "row_id", [f"iris-{i:03d}" for i in order])
-    frame["label"] = data.target[order].astype(np.int64)
-    return frame
-
-
-@dataclass(frozen=True)
-class LoggedRun:
-    """A training run in the store.
-
-    Attributes:
-        run_id / tracking_uri: where it is.
-        frame: the training data as logged (with its defects), or None when none was logged.
-        steps: the checkpoint steps logged.
-        learning_rates: the learning rate logged for each step (None: none logged).
-    """
-
-    run_id: str
-    tracking_uri: str
-    frame: pd.DataFrame | None
-    steps: tuple[int, ...]
-    learning_rates: tuple[float | None, ...]
-
-
-@contextlib.contextmanager
-def tracking_uri_set(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking URI set to ``uri`` (the ``tracin_tasks.mlflow`` helpers use
-    it), put back afterwards."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    saved = tracking_utils._tracking_uri
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri = saved
-
-
-class MlflowStore:
-    """An MLflow sqlite store and its artifact folder; logs small training runs with defects on demand."""
-
-    def __init__(self, root: Path, tracking_uri: str | None = None):
-        import mlflow
-
-        root.mkdir(parents=True, exist_ok=True)
-        self.root = root
-        self.uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
-        self.client = mlflow.MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self.client.create_experiment(
-            f"reliability-{uuid.uuid4().hex[:8]}",
-            # a tracking server keeps artifacts where it was told to
-            artifact_location=None if tracking_uri else (root / "artifacts").as_uri(),
-        )
-
-    # -- whole runs ---------------------------------------------------------------------------
-    def log_run(
-        self,
-        frame: pd.DataFrame | None = None,
-        *,
-        data: str = "helper",
-        checkpoints: int = 2,
-        learning_rates: Sequence[float | None] | None = None,
-        checkpoint_writer: str = "helper",
-        checkpoint_arch: dict[str, Any] | None = None,
-        factory_kwargs: dict[str, Any] | None = None,
-        train_rows: int = 60,
-        name: str = "run",
-    ) -> LoggedRun:
-        """Log a training run: data, model factory, and checkpoints of a tiny MLP trained on iris.
-
-        Args:
-            frame: the training data to log (default: ``iris_frame(train_rows)``). The model is
-                always trained on clean iris rows; ``frame`` is only what the run records.
-            data: ``"helper"`` (``log_training_data``, which validates), ``"raw"`` (the parquet and
-                ``tracin/training_data.json`` written with ``log_artifact``, no checks), or
-                ``"none"``.
-            checkpoints: how many checkpoints (steps 1..N); 0 logs none.
-            learning_rates: per checkpoint; None at a position logs no learning rate for it.
-                Default 0.1, 0.05, ...
-            checkpoint_writer: ``"helper"`` (``log_checkpoint``: refuses a non-finite learning
-                rate) or ``"raw"`` (``state_dict.pt`` + ``meta.json`` by hand, the ``lr`` metric
-                only where a rate is given, whatever its value).
-            checkpoint_arch: build the checkpointed model with these ``build_mlp`` arguments
-                instead of ``factory_kwargs`` (checkpoints from another architecture).
-            factory_kwargs: what the run records for ``build_mlp`` (default :data:`ARCH`).
-        """
-        import torch
-
-        import tracin_tasks.mlflow as tm
-        from tracin_tasks.examples.digits import build_mlp
-
-        factory_kwargs = dict(ARCH if factory_kwargs is None else factory_kwargs)
-        frame = iris_frame(train_rows) if frame is None and data != "none" else frame
-        if learning_rates is None:
-            learning_rates = [round(0.1 / (i + 1), 6) for i in range(checkpoints)]
-        if len(learning_rates) != checkpoints:
-            raise ValueError("one learning rate (or None) per checkpoint")
-        run_id = self.client.create_run(self.experiment_id, run_name=name).info.run_id
-        with tracking_uri_set(self.uri):
-            if data == "helper":
-                tm.log_training_data(frame, label_column="label", row_id_column="row_id", name=DATA_NAME,
-                                     run_id=run_id)
-            elif data == "raw":
-                self.write_raw_data(run_id, frame)
-            tm.log_model_factory(FACTORY, run_id=run_id, **factory_kwargs)
-            steps = tuple(range(1, checkpoints + 1))
-            if checkpoints:
-                torch.manual_seed(0)
-                model = build_mlp(**(checkpoint_arch or factory_kwargs))
-                clean = iris_frame(train_rows)
-                x = torch.tensor(clean[list(FEATURES)].to_numpy(), dtype=torch.float32)
-                y = torch.tensor(clean["label"].to_numpy())
-                for step, lr in zip(steps, learning_rates):
-                    opt = torch.optim.SGD(model.parameters(), lr=0.1 if lr is None or not math.isfinite(lr) else lr)
-                    for _ in range(10):
-                        opt.zero_grad()
-                        torch.nn.functional.cross_entropy(model(x), y).backward()
-                        opt.step()
-                    if checkpoint_writer == "helper":
-                        tm.log_checkpoint(model, step=step, learning_rate=lr, run_id=run_id)
-                    else:
-                        self.write_raw_checkpoint(run_id, step, model.state_dict(), lr)
-        self.client.set_terminated(run_id)
-        return LoggedRun(run_id, self.uri, frame if data != "none" else None, steps, tuple(learning_rates))
-
-    # -- parts written by hand (what a training script that does not use the helpers might log) -
-    def write_raw_data(self, run_id: str, frame: pd.DataFrame, spec: dict[str, Any] | None = None) -> None:
-        """The parquet file and ``tracin/training_data.json``, logged without any validation."""
-        spec = spec or {"artifact_path": DATA_PATH, "label_column": "label", "row_id_column": "row_id",
-                        "feature_columns": list(FEATURES), "input_shape": None, "rows": len(frame)}
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{DATA_NAME}.parquet"
-            frame.to_parquet(path, index=False)
-            self.client.log_artifact(run_id, str(path), "training_data")
-        self.write_json(run_id, "tracin/training_data.json", spec)
-
-    def write_raw_checkpoint(self, run_id: str, step: int, state_dict: dict, lr: float | None) -> None:
-        """``checkpoints/step_N/{state_dict.pt,meta.json}``; the ``lr`` metric only when ``lr`` is given."""
-        import torch
-
-        with tempfile.TemporaryDirectory() as tmp:
-            torch.save({k: v.detach().clone() for k, v in state_dict.items()}, Path(tmp) / "state_dict.pt")
-            meta = {"step": step} if lr is None else {"step": step, "learning_rate": lr}
-            (Path(tmp) / "meta.json").write_text(json.dumps(meta))  # NaN/Infinity as Python writes them
-            self.client.log_artifacts(run_id, tmp, f"checkpoints/step_{step}")
-        if lr is not None:
-            self.client.log_metric(run_id, "lr", lr, step=step)
-        self.client.set_tag(run_id, "tracin.checkpoints", "true")
-
-    def write_json(self, run_id: str, artifact_file: str, obj: Any) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(artifact_file).name
-            path.write_text(json.dumps(obj))
-            self.client.log_artifact(run_id, str(path), str(Path(artifact_file).parent))
-
-    def artifacts(self, run_id: str, path: str | None = None) -> list[str]:
-        """Every artifact file of the run under ``path`` (recursively)."""
-        found = []
-        for info in self.client.list_artifacts(run_id, path):
-            found.extend(self.artifacts(run_id, info.path) if info.is_dir else [info.path])
-        return found
-
-
 @pytest.fixture(scope="session")
 def mlflow_store() -> MlflowStore:
     return MlflowStore(STATE / f"reliability-mlflow-{uuid.uuid4().hex[:6]}")
 
 
-# -- running an audit -----------------------------------------------------------------------------------
+# -- the crashable server (the harness's ``crashable_server``) ------------------------------------
+@pytest.fixture
+def server_run(crashable_server) -> support.ServerRun:
+    """The digits run logged through the crashable server (once per session); the server up."""
+    return support.server_run(crashable_server)
+
+
+# -- running an audit -----------------------------------------------------------------------------
 AUDIT_DEFAULTS = {"shard_size": 4096, "batch_size": 64, "report": False, "log_to_mlflow": False}
 
 
@@ -307,7 +83,7 @@ def cli(*args: str) -> tuple[int, str, str]:
     from tracin_tasks.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    with support.restored_environ(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with restored_environ(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(list(args))
     return code, out.getvalue(), err.getvalue()
 
@@ -317,31 +93,11 @@ def cli_audit_args(run: LoggedRun, output_dir: Path, *extra: str) -> list[str]:
             "--batch-size", "64", "--no-validate", "--no-mlflow-report", *extra]
 
 
-def leftovers(output_dir: Path) -> list[str]:
-    """Files a failed audit left under ``output_dir`` that are, or look like, results: everything
-    but a plan (``<results>/<audit key>/plan.json``) and the folder's lock (``.audit/lock``), which
-    mark nothing as finished."""
-    if not output_dir.exists():
-        return []
-    return sorted(str(p.relative_to(output_dir)) for p in output_dir.rglob("*")
-                  if p.is_file() and p.name != "plan.json" and p.relative_to(output_dir).as_posix() != ".audit/lock")
-
-
-def expected_scores(run: LoggedRun, **source_kwargs: Any) -> pd.Series:
-    """Self-influence by row id, from the core on the run's checkpoints (the oracle)."""
-    from tracin_tasks.core.tracin import TracIn
-    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
-
-    source = MlflowCheckpointSource(run.run_id, run.tracking_uri,
-                                    cache_dir=STATE / f"oracle-cache-{uuid.uuid4().hex[:6]}", **source_kwargs)
-    table = source.training_table()
-    scores = TracIn(source.build_model(), source.checkpoints()).self_influence(table.dataset(), 64)
-    return pd.Series(scores, index=table.row_ids, name="self_influence")
-
-
 def assert_scores_match(result: dict[str, Any], run: LoggedRun, **source_kwargs: Any) -> None:
     """The audit's scores.parquet equals the core's self-influence, row by row."""
     got = pd.read_parquet(result["scores"]).set_index("row_id")["self_influence"]
-    want = expected_scores(run, **source_kwargs)
+    scores, table = core_scores(run.run_id, run.tracking_uri, 64,
+                                cache_dir=STATE / f"oracle-cache-{uuid.uuid4().hex[:6]}", **source_kwargs)
+    want = pd.Series(scores, index=table.row_ids, name="self_influence")
     assert list(got.index) == list(want.index)
     np.testing.assert_allclose(got.to_numpy(), want.to_numpy(), rtol=1e-5, atol=0)

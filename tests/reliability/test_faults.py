@@ -46,14 +46,9 @@ def _fast_factory():
 
 
 @pytest.fixture(scope="module")
-def api(request) -> str:
-    return support.prefect_api(request)  # the MLflow server starts while Prefect's does
-
-
-@pytest.fixture(scope="module")
-def digits(api):
-    """The sqlite digits run of tests/orchestration (MLP, 3 checkpoints, 1,797 rows)."""
-    return support.orch.digits_run()
+def digits(api, digits_run):
+    """The session's sqlite digits run (MLP, 3 checkpoints, 1,797 rows)."""
+    return digits_run
 
 
 def audit(tracking_uri: str, run_id: str, output_dir: Path, results_uri: str | None = None, **kwargs):
@@ -128,7 +123,7 @@ def test_flow_process_killed_mid_run_is_resumed_by_a_rerun(api, digits, tmp_path
     assert {k: after[k] for k in at_kill} == at_kill, "a cell finished before the kill was rewritten"
     assert len(after) == 18 and support.assert_complete_cells(results) == 18
     frame = pd.read_parquet(summary["scores"])
-    scores, table = support.orch.direct_scores(digits)
+    scores, table = support.direct_scores(digits)
     np.testing.assert_allclose(frame["self_influence"].to_numpy(), scores, rtol=1e-6)
     np.testing.assert_array_equal(frame["row_id"].to_numpy(), table.row_ids)
 
@@ -160,9 +155,9 @@ def _crash_at_download(monkeypatch, run, artifact: str, restart_after: float | N
 
 
 @pytest.fixture
-def server(api, monkeypatch, tmp_path):
+def server(api, server_run, monkeypatch, tmp_path):
     """The run on the real ``mlflow server``; a fresh download cache, so checkpoints are fetched."""
-    run = support.server_run()
+    run = server_run
     support.server_direct_scores(run)  # while the server is up
     monkeypatch.setenv("TRACIN_TASKS_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # our retries, not MLflow's
@@ -318,7 +313,7 @@ def test_disk_full_while_writing_a_cell(api, digits, instant_task_retries, tmp_p
     assert (summary["cells"], summary["skipped"], summary["computed"]) == (9, 3, 6)
     assert {k: v for k, v in support.cell_files(results).items() if k in stored} == stored
     np.testing.assert_allclose(pd.read_parquet(summary["scores"])["self_influence"].to_numpy(),
-                               support.orch.direct_scores(digits)[0], rtol=1e-6)
+                               support.direct_scores(digits)[0], rtol=1e-6)
 
 
 # 5 -- two audits of the same run at once -------------------------------------------------------
@@ -332,13 +327,12 @@ def test_two_audits_of_the_same_run_at_once(api, digits, tmp_path):
     procs = []
     for name in ("a", "b"):
         env = support.child_env(tmp_path / f"state-{name}", api, RELIABILITY_FACTORY_DELAY="0.3")
-        procs.append((name, support.start_cli(args, env, tmp_path / "logs", name)))
+        procs.append((name, support.start_cli(args, env, tmp_path / "logs", name=name)))
     outcomes = {}
     try:
         for name, proc in procs:
             proc.wait(timeout=400)
-            outcomes[name] = (proc.returncode, (tmp_path / "logs" / f"{name}.out").read_text(errors="replace"),
-                              (tmp_path / "logs" / f"{name}.err").read_text(errors="replace"))
+            outcomes[name] = (proc.returncode, *support.cli_output(tmp_path / "logs", name))
     except subprocess.TimeoutExpired:
         for _, proc in procs:
             support.kill_group(proc)
@@ -355,7 +349,7 @@ def test_two_audits_of_the_same_run_at_once(api, digits, tmp_path):
     assert support.assert_complete_cells(results) == 9  # each cell once, whole
     assert len([p for p in results.rglob("*") if p.is_file() and p.suffix == ".json"]) == 1  # one plan
     frame = pd.read_parquet(out / "scores.parquet")
-    np.testing.assert_allclose(frame["self_influence"].to_numpy(), support.orch.direct_scores(digits)[0], rtol=1e-6)
+    np.testing.assert_allclose(frame["self_influence"].to_numpy(), support.direct_scores(digits)[0], rtol=1e-6)
     issues = pd.read_parquet(out / "issues.parquet")
     assert len(issues) == 1797 and issues["row_id"].is_unique
     assert (out / "report.html").read_text().rstrip().endswith("</html>")

@@ -31,11 +31,6 @@ from .conftest import audit  # noqa: E402
 DRIVER = Path(__file__).with_name("_publish_driver.py")
 
 
-@pytest.fixture(scope="module")
-def api(request) -> str:
-    return support.prefect_api(request)
-
-
 def shown_audit(out: Path) -> dict:
     """The manifest of the audit ``out`` shows, after checking that every name that resolves is
     exactly that audit's, with the content its manifest records."""

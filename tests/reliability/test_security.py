@@ -61,11 +61,6 @@ class MarkerPayload:
         return (open, (self.path, "w"))
 
 
-@pytest.fixture(scope="module")
-def api(request) -> str:
-    return support.prefect_api(request)
-
-
 def _run_with_checkpoint_bytes(mlflow_store, payload: bytes, tmp_path: Path):
     """An iris run whose only checkpoint (step 1) is ``payload``; data and factory are normal."""
     run = mlflow_store.log_run(checkpoints=0, name="crafted-checkpoint")
@@ -233,7 +228,7 @@ def test_hostile_row_ids_and_output_folder_are_escaped_in_report_and_prefect_art
     frame["row_id"] = [f"{HOSTILE_IDS[i % len(HOSTILE_IDS)]}-{i}" for i in range(len(frame))]
     run = mlflow_store.log_run(frame, name="hostile-ids")
     out = tmp_path / "out-<b>x</b>-[l](javascript:alert(4))-`c`"
-    with support.orch.one_torch_thread():
+    with support.one_torch_thread():
         state = audit_training_run(run_id=run.run_id, tracking_uri=run.tracking_uri, output_dir=str(out),
                                    batch_size=64, report=True, validate_results=False, log_to_mlflow=False,
                                    return_state=True)
@@ -605,7 +600,7 @@ def test_tracking_errors_never_quote_the_password(tmp_path):
     from tracin_tasks.exceptions import TrackingServerUnavailableError
     from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
-    uri = f"http://auditor:{URI_SECRET}@127.0.0.1:{support.orch.free_port()}"  # nothing listens there
+    uri = f"http://auditor:{URI_SECRET}@127.0.0.1:{support.free_port()}"  # nothing listens there
     source = MlflowCheckpointSource("0" * 32, uri, cache_dir=tmp_path / "c", retries=2, backoff=0.05)
     with pytest.raises(TrackingServerUnavailableError) as info:
         source.checkpoint_refs()

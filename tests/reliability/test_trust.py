@@ -234,11 +234,6 @@ class _Run:
 
 
 # -- the test --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def api(request) -> str:
-    return support.prefect_api(request)
-
-
 def test_nothing_a_run_records_runs_code_or_exhausts_memory(api, mlflow_store, tmp_path):
     import torch
 

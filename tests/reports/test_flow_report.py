@@ -22,7 +22,7 @@ mlflow = pytest.importorskip("mlflow")
 from tracin_tasks.exceptions import ConfigurationError  # noqa: E402
 from tracin_tasks.exceptions import ValidationFailedError  # noqa: E402
 
-from ._support import one_torch_thread  # noqa: E402
+from _harness import one_torch_thread  # noqa: E402
 
 SHARD = 900
 ROWS = 1797

@@ -18,7 +18,9 @@ pytest.importorskip("prefect")
 pytest.importorskip("great_expectations")
 mlflow = pytest.importorskip("mlflow")
 
-from ._support import chromium, one_torch_thread, train_run  # noqa: E402
+from _harness import one_torch_thread, train_digits  # noqa: E402
+
+from ._browser import chromium  # noqa: E402
 
 KEEP_SCREENSHOT = os.environ.get("TRACIN_REPORTS_SCREENSHOT")  # also copy the UI screenshot to this path
 
@@ -28,7 +30,7 @@ def server_audit(prefect_api, mlflow_server, tmp_path_factory):
     """(trained run, flow result, output folder, Prefect flow run id) of an audit logged to the server."""
     from tracin_tasks.orchestration import audit_training_run
 
-    run = train_run(mlflow_server.uri, None, "ui")
+    run = train_digits(mlflow_server.uri, "ui", epochs=2)
     out = tmp_path_factory.mktemp("server-audit") / "out"
     with one_torch_thread():
         state = audit_training_run(run_id=run.run_id, tracking_uri=mlflow_server.uri, output_dir=str(out),

@@ -20,7 +20,7 @@ pytest.importorskip("matplotlib")
 from tracin_tasks.core.flagging import FlagPolicy, find_label_issues  # noqa: E402
 from tracin_tasks.integrations.report import ReportInputs, render_report, write_report  # noqa: E402
 
-from ._support import chromium  # noqa: E402
+from ._browser import chromium  # noqa: E402
 
 XSS = "<script>window.__xss=1</script>"
 IMG = '"><img src=x onerror="window.__xss=2">'
