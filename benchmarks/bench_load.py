@@ -139,8 +139,8 @@ def child(args: argparse.Namespace) -> int:
         for cell in plan.cells:
             compute_cell(plan, cell, store)
         write_scores(plan, store, str(out))
-        reported = report_audit(plan, str(out), None, True, None, True)
-        cells, flagged, rows = len(plan.cells), reported["summary"]["flagged"], plan.n_rows
+        reported = report_audit(plan, str(out), flag=None, validate=True, extra_expectations=None, log_to_mlflow=True)
+        cells, flagged, rows = len(plan.cells), reported.summary["flagged"], plan.n_rows
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"rows": rows, "cells": cells, "flagged": flagged, "seconds": round(seconds, 1),
