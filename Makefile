@@ -56,11 +56,15 @@ postgres:
 
 label-studio: $(LS_VENV)/.installed
 
-$(LS_VENV)/.installed:
+$(LS_VENV)/.pip-installed:
 	$(PYTHON) -m venv $(LS_VENV)
 	$(LS_VENV)/bin/python -m pip --disable-pip-version-check -q install "$(LABEL_STUDIO)" 2> >(grep -v 'is ignored' >&2)
-	# migrate a data folder once (about a minute); each test session starts from a copy of it
-	TRACIN_LABEL_STUDIO_VENV=$(LS_VENV) $(PYTHON) tests/relabel/_labelstudio.py
+	touch $@
+
+# migrate a data folder once (about a minute); each test session starts from a copy of it. The
+# script uses the test harness (pytest, numpy), so it runs in the project's environment.
+$(LS_VENV)/.installed: $(LS_VENV)/.pip-installed $(VENV)/.installed
+	TRACIN_LABEL_STUDIO_VENV=$(LS_VENV) $(BIN)/python tests/relabel/_labelstudio.py
 	touch $@
 
 # the slow installs are independent: run them side by side

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -19,8 +20,10 @@ def env_number(name: str, default: float, kind: Callable[[str], float] = float, 
         return default
     try:
         value = kind(raw)
-    except ValueError:
-        raise ConfigurationError(f"{name}={raw!r} is not a number.") from None
+    except (ValueError, OverflowError):  # OverflowError: int(float("inf"))
+        raise ConfigurationError(f"{name}={raw!r} is not a finite number.") from None
+    if not math.isfinite(value):
+        raise ConfigurationError(f"{name}={raw!r} is not a finite number.")
     if value < minimum:
         raise ConfigurationError(f"{name}={raw!r} must be at least {minimum:g}.")
     return value

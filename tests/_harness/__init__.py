@@ -5,7 +5,7 @@
                         environment of subprocesses and servers, restored_environ, one torch thread
 ``procs``               free ports, processes with their output in files, the CLI in a
                         subprocess, waiting (for a condition, for HTTP), stopping, killing a group
-``mlflow_server``       ``MlflowServer`` (start, wait, crash, stop, restart), ``TcpGate``
+``mlflow_server``       ``MlflowServer`` (start, wait, crash, stop, ensure_up), ``TcpGate``
 ``runs``                the one digits trainer and the session's digits run, MLflow's globals,
                         the core as oracle (``core_scores``, ``direct_scores``), ``Once``
 ``iris``                ``MlflowStore``: small iris runs with a knob for each defect

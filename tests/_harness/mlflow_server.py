@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from .env import BIN, server_env
-from .procs import answers, free_port, kill_group, start_logged, stop_process, tail, wait_for, wait_for_http
+from .procs import answers, free_port, kill_group, start_logged, stop_process, wait_for, wait_for_http
 
 #: seconds a server may take to answer /health (generous: a loaded 2-core machine is slow)
 START_TIMEOUT = 240
@@ -86,9 +86,6 @@ class MlflowServer:
             return
         stop_process(self.proc, grace=20)
         kill_group(self.proc)
-
-    def tail(self, n: int = 4000) -> str:
-        return tail(self.log, n)
 
     def __enter__(self) -> MlflowServer:
         """Started (not waited for); stopped when the block ends."""

@@ -59,7 +59,7 @@ def cli_audit(digits_run, support, tmp_path_factory):
     run = {"proc": proc, "logs": root, "out": out, "prefect_home": Path(env["PREFECT_HOME"]), "cwd": root / "cwd"}
     yield run
     if run["proc"].poll() is None:
-        support.stop_process(run["proc"])
+        support.stop_process(run["proc"], group=True)  # the CLI and the temporary Prefect server it started
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ whose helpers this module also offers (``support.files_containing``, ``support.M
   interrupted half-way (as in tests/flows/test_distributed.py), and :func:`child_env`, the
   environment of a CLI subprocess that can import it;
 * :func:`server_run`: the digits run (MLP, 3 checkpoints) logged through the crashable
-  ``mlflow server`` of tests/reliability/conftest.py, and :func:`server_direct_scores`.
+  ``mlflow server`` (the harness's ``crashable_server`` fixture), and :func:`server_direct_scores`.
 """
 
 from __future__ import annotations

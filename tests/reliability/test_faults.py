@@ -169,7 +169,9 @@ def test_tracking_server_down_for_a_while_during_download(server, monkeypatch, s
     """Crashed just as step 1's checkpoint is downloaded (while planning, which fetches and checks
     every checkpoint into the cache the cells read), started again 2 s later (plus its start-up,
     which on a loaded machine can take tens of seconds): the retries span it, the audit succeeds."""
-    monkeypatch.setenv("TRACIN_TASKS_MLFLOW_RETRIES", "12")
+    # attempts that outlast the harness's own start-up allowance (4 s apart, about 270 s in all):
+    # only the server's coming back ends them, however long a loaded machine takes to start it
+    monkeypatch.setenv("TRACIN_TASKS_MLFLOW_RETRIES", "70")
     monkeypatch.setenv("TRACIN_TASKS_MLFLOW_BACKOFF", "0.5")
     monkeypatch.setenv("TRACIN_TASKS_MLFLOW_BACKOFF_MAX", "4")
     outage = _crash_at_download(monkeypatch, server, "checkpoints/step_1/state_dict.pt", restart_after=2.0)

@@ -560,14 +560,17 @@ def test_the_flow_refuses_a_password_and_redacts_its_stored_parameter(api, auth_
 
     server, run = auth_server
     uri = server.uri.replace("http://", f"http://auditor:{URI_SECRET}@")
+    # a sink's key percent-encoded in its query: stored as written, so redacted as written
+    sink = f"labelstudio://127.0.0.1:9?project=1&api_key=k%2F{URI_SECRET}"
     state = audit_training_run(run_id=run.run_id, tracking_uri=uri, output_dir=str(tmp_path / "out"),
-                               return_state=True)
+                               relabel=[sink], return_state=True)
     with pytest.raises(CredentialsInUriError) as info:
         state.result()
     assert URI_SECRET not in str(info.value)
     with get_client(sync_client=True) as client:
         stored = client.read_flow_run(state.state_details.flow_run_id).parameters
     assert URI_SECRET not in json.dumps(stored) and stored["tracking_uri"].startswith("http://auditor:***@")
+    assert stored["relabel"] == ["labelstudio://127.0.0.1:9?project=1&api_key=***"]
     assert not (tmp_path / "out").exists()
 
 
@@ -665,7 +668,7 @@ def test_checkpoint_path_with_dot_dot_from_the_server_is_refused(api, mlflow_sto
 def test_logged_model_id_with_dot_dot_is_refused(tmp_path):
     from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
 
-    source = MlflowCheckpointSource("0" * 32, "sqlite:///unused.db", cache_dir=tmp_path / "c")
+    source = MlflowCheckpointSource("0" * 32, f"sqlite:///{tmp_path / 'unused.db'}", cache_dir=tmp_path / "c")
     with pytest.raises(ConfigurationError, match="LoggedModel id"):
         source.cache.download("data/model.pt2", model_id="../../../escaped")
     assert not (tmp_path / "c").exists()

@@ -41,7 +41,7 @@ from . import _faults_support as support
 pytest.importorskip("prefect")
 pytest.importorskip("mlflow")
 
-from .conftest import FACTORY, cli_audit_args  # noqa: E402
+from .conftest import ARCH, FACTORY, cli_audit_args  # noqa: E402
 
 #: the child's peak resident memory must stay under this (an audit of a small run, Prefect, MLflow,
 #: torch and pandas imported, uses about 0.5-0.7 GiB); every payload asks for 8 GB or more
@@ -235,8 +235,6 @@ class _Run:
 
 # -- the test --------------------------------------------------------------------------------------
 def test_nothing_a_run_records_runs_code_or_exhausts_memory(api, mlflow_store, tmp_path):
-    import torch
-
     markers = tmp_path / "markers"
     markers.mkdir()
     modules = tmp_path / "modules"
@@ -304,7 +302,6 @@ def test_nothing_a_run_records_runs_code_or_exhausts_memory(api, mlflow_store, t
 
     env = support.child_env(tmp_path / "state", api, _TRACKING_URI=mlflow_store.uri, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(modules), env["PYTHONPATH"]])
-    assert torch.get_num_threads() >= 1
     results, peak_mib = run_payloads(payloads, env, tmp_path)
     for r in results:
         print(f"{r['name']}: exit {r['code']}, peak so far {r['maxrss_mib']:.0f} MiB;",
@@ -343,6 +340,38 @@ def test_trust_options_with_a_typo_fail_at_once(args, expected, tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "x.db").exists()
 
 
+def test_an_oversized_checkpoint_meta_is_not_read(api, mlflow_store, tmp_path):
+    """A checkpoint's meta.json of 2 MiB (the helper writes a few hundred bytes) is refused unread."""
+    from tracin_tasks.exceptions import ConfigurationError
+    from tracin_tasks.integrations.mlflow.source import MlflowCheckpointSource
+
+    run = mlflow_store.log_run(checkpoints=1, name="oversized meta")
+    mlflow_store.write_json(run.run_id, "checkpoints/step_1/meta.json", {"pad": "x" * (2 * 1024 * 1024)})
+    source = MlflowCheckpointSource(run.run_id, run.tracking_uri, cache_dir=tmp_path / "cache")
+    with pytest.raises(ConfigurationError, match="meta.json of run .* is larger than"):
+        source.checkpoint_refs()
+    assert not list((tmp_path / "cache").rglob("meta.json"))
+
+
+def test_model_kwargs_from_the_command_line_reach_the_callers_factory(api, mlflow_store, tmp_path):
+    """``--model-factory`` with ``--model-kwargs JSON``: the parsed object is the factory's
+    arguments. The run's own width audits; another width builds a model the weights do not fit."""
+    import json
+
+    from .conftest import cli
+
+    run = mlflow_store.log_run(checkpoints=2, name="caller factory")
+    right = cli(*cli_audit_args(run, tmp_path / "right", "--model-factory", FACTORY,
+                                "--model-kwargs", json.dumps(ARCH)))
+    assert right[0] == 0, right[2][-3000:]
+    assert (tmp_path / "right" / "scores.parquet").exists()
+
+    code, _, err = cli(*cli_audit_args(run, tmp_path / "wrong", "--model-factory", FACTORY,
+                                       "--model-kwargs", json.dumps({**ARCH, "hidden": ARCH["hidden"] + 1})))
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "does not fit" in errors[0], err[-3000:]
+
+
 def test_an_oversized_spec_is_not_read(api, mlflow_store, tmp_path):
     """A run's model-factory spec of 2 MiB (real ones are a few hundred bytes) is refused unread."""
     from tracin_tasks.exceptions import ConfigurationError
@@ -354,3 +383,19 @@ def test_an_oversized_spec_is_not_read(api, mlflow_store, tmp_path):
     source = MlflowCheckpointSource(run.run_id, run.tracking_uri, cache_dir=tmp_path / "cache")
     with pytest.raises(ConfigurationError, match="a spec is a small JSON file"):
         source.model_spec()
+
+
+@pytest.mark.parametrize("raw", ["inf", "nan", "-inf", "1e400"])
+def test_a_ceiling_that_is_not_a_finite_number_is_refused(raw, monkeypatch):
+    """``TRACIN_MAX_PARAMETERS=inf`` (or NaN) is a typed configuration error, not an OverflowError
+    or a ceiling nothing can exceed; so is any other numeric setting from the environment."""
+    from tracin_tasks._env import env_number
+    from tracin_tasks.exceptions import ConfigurationError
+    from tracin_tasks.integrations.model_factory import max_parameters_from_env
+
+    monkeypatch.setenv("TRACIN_MAX_PARAMETERS", raw)
+    with pytest.raises(ConfigurationError, match="TRACIN_MAX_PARAMETERS=.* is not a finite number"):
+        max_parameters_from_env()
+    monkeypatch.setenv("TRACIN_OUTPUT_LOCK_TIMEOUT", raw)
+    with pytest.raises(ConfigurationError, match="is not a finite number"):
+        env_number("TRACIN_OUTPUT_LOCK_TIMEOUT", 600.0)

@@ -33,14 +33,15 @@ def audit_arguments(args: argparse.Namespace) -> dict[str, Any]:
     from tracin_tasks.orchestration.settings import AuditSettings, RelabelOptions, ReportOptions, RunOptions
 
     flag = values_from(args, FlagPolicy, given_only=True) or None
-    kwargs = {**values_from(args, AuditSettings), **values_from(args, RunOptions),
-              **values_from(args, ReportOptions), **values_from(args, RelabelOptions), "flag": flag}
-    settings = AuditSettings(**{k: kwargs[k] for k in values_from(args, AuditSettings)})
-    run = RunOptions(**{k: kwargs[k] for k in values_from(args, RunOptions)}).resolved(settings.run_id)
-    ReportOptions(**{k: kwargs[k] for k in values_from(args, ReportOptions)}, flag=flag)
-    RelabelOptions(**{k: kwargs[k] for k in values_from(args, RelabelOptions)})
-    kwargs.update(output_dir=run.output_dir, results_uri=run.results_uri)
-    return kwargs
+    audit, run, report, relabel = (values_from(args, cls) for cls in
+                                   (AuditSettings, RunOptions, ReportOptions, RelabelOptions))
+    settings = AuditSettings(**audit)
+    resolved = RunOptions(**run).resolved(settings.run_id)
+    ReportOptions(**report, flag=flag)
+    RelabelOptions(**relabel)
+    # --model-kwargs arrives as JSON text; the flow takes the object the settings parsed from it
+    return {**audit, **run, **report, **relabel, "flag": flag, "model_kwargs": settings.model_kwargs,
+            "output_dir": resolved.output_dir, "results_uri": resolved.results_uri}
 
 
 def run_audit(args: argparse.Namespace) -> dict[str, Any]:
@@ -122,7 +123,7 @@ def print_summary(summary: dict[str, Any]) -> None:
             print(f"relabel queue {outcome['sink']}: {d['delivered']} new rows, {d['updated']} refreshed, "
                   f"{d['unchanged']} already handled by reviewers")
         else:
-            print(f"relabel queue {outcome['sink']} is unavailable: {outcome['error']}\n"
+            print(f"relabel queue {outcome['sink']} is unavailable: {for_terminal(outcome['error'])}\n"
                   f"    the rows wait in {outcome['outbox_path']} and are delivered on the next run")
     for warning in summary.get("warnings", []):
         print(f"warning: {for_terminal(warning, None)}")

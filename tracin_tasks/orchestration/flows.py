@@ -14,7 +14,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from tracin_tasks._uris import uri_secret
+from tracin_tasks._uris import redact, uri_secret
 from tracin_tasks.exceptions import ConfigurationError, ValidationFailedError
 from tracin_tasks.orchestration.aggregate import scores_summary
 from tracin_tasks.orchestration.relabel import check_sinks
@@ -202,8 +202,7 @@ def _forget_secrets(**parameters: Any) -> None:
     def redacted(value: Any) -> Any:
         if isinstance(value, list):
             return [redacted(v) for v in value]
-        secret = uri_secret(value) if isinstance(value, str) else None
-        return value.replace(secret, "***") if secret else value
+        return redact(value) if isinstance(value, str) and uri_secret(value) else value
 
     leaking = {k: redacted(v) for k, v in parameters.items() if redacted(v) != v}
     if not leaking:

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from tracin_tasks.exceptions import ConfigurationError, DataError
-from tracin_tasks.integrations.relabel.base import FlaggedBatch, redact
+from tracin_tasks._uris import redact
+from tracin_tasks.integrations.relabel.base import FlaggedBatch
 from tracin_tasks.integrations.relabel.outbox import Outbox, deliver_with_outbox
 from tracin_tasks.integrations.relabel.registry import open_sink
 from tracin_tasks.orchestration.sources import prefect_secret
@@ -107,7 +108,6 @@ def emit_audit_flagged(batch: FlaggedBatch, *, rows: int, output_dir: str, resul
     if batch.audit_run_id:
         related.append({"prefect.resource.id": f"mlflow.run.{batch.audit_run_id}",
                         "prefect.resource.role": "audit-run", "prefect.resource.name": batch.audit_run_id})
-    from tracin_tasks._uris import redact
 
     return emit_event(
         event=AUDIT_FLAGGED,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,7 +30,8 @@ from typing import Any, Protocol
 import torch
 
 from tracin_tasks.core.weights import read_pt2_file, read_torch_file
-from tracin_tasks.exceptions import CheckpointError, UnsafeCheckpointError
+from tracin_tasks.exceptions import CheckpointError, ConfigurationError, UnsafeCheckpointError
+from tracin_tasks.integrations.mlflow.cache import MAX_SPEC_BYTES
 from tracin_tasks.integrations.mlflow.learning_rates import learning_rate_at
 from tracin_tasks.integrations.mlflow.logging import CHECKPOINT_ROOT
 
@@ -113,22 +115,33 @@ class HelperFolders:
         history = run.lr_history()
         refs = []
         for folder in folders:
-            files = [f.path for f in run.list(folder) if not f.is_dir]
+            sizes = {f.path: f.file_size for f in run.list(folder) if not f.is_dir}
+            files = list(sizes)
             weights = [p for p in files if p.endswith(WEIGHT_SUFFIXES)]
             if not weights:
                 continue
             step = int(_HELPER_FOLDER.match(folder).group(1))
-            meta = self._meta(run, folder) if f"{folder}/meta.json" in files else {}
+            meta = self._meta(run, folder, sizes[f"{folder}/meta.json"]) if f"{folder}/meta.json" in sizes else {}
             lr, lr_source = learning_rate_at(step, history, meta)
             refs.append(CheckpointRef(step, lr, lr_source, self.kind, _pick(run, step, weights), meta))
         return refs
 
     @staticmethod
-    def _meta(run: RunFiles, folder: str) -> dict[str, Any]:
+    def _meta(run: RunFiles, folder: str, listed_size: int | None) -> dict[str, Any]:
+        def refuse() -> None:
+            raise ConfigurationError(
+                f"{folder}/meta.json of run {run.run_id} is larger than {MAX_SPEC_BYTES:,} bytes; a checkpoint's "
+                "meta.json is a few hundred bytes, so the audit does not read it. Re-log the checkpoint with "
+                "tracin_tasks.mlflow.log_checkpoint.")
+
+        if (listed_size or 0) > MAX_SPEC_BYTES:
+            refuse()
         try:
             local = run.download(f"{folder}/meta.json")  # cached, like the checkpoint file beside it
         except CheckpointError:
             return {}
+        if os.path.getsize(local) > MAX_SPEC_BYTES:  # the listing may understate it
+            refuse()
         try:
             with open(local, encoding="utf-8") as fh:
                 meta = json.load(fh)
