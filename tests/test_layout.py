@@ -73,3 +73,17 @@ def test_moved_modules_still_import():
 
     assert importlib.import_module("tracin_tasks.integrations.mlflow_source").MlflowCheckpointSource is MlflowCheckpointSource
     assert importlib.import_module("tracin_tasks.mlflow").MlflowCheckpointSource is MlflowCheckpointSource
+
+
+def test_the_command_line_is_built_before_prefect_is_imported():
+    """The CLI sets Prefect's home, analytics and loggers (and the demo its state folder) after
+    parsing: building the parser, from the settings' fields, must not import Prefect or MLflow."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tracin_tasks.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('prefect', 'mlflow', 'great_expectations') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]", done.stdout
