@@ -107,7 +107,7 @@ def main() -> None:
     from tracin_tasks.orchestration.flows import _load_plan
 
     plan = _load_plan(spec["results_uri"], spec["audit_key"])
-    training_table(plan.settings.run_id, plan.settings.tracking_uri, plan.fingerprint)
+    training_table(plan.settings, plan.fingerprint)
     result: dict = {}
     if spec["kill_at"] in ("count", "every"):
         out = os.path.join(spec["work"], "count")

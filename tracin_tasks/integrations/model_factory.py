@@ -147,6 +147,11 @@ class FactoryTrust:
         return any(module == p or module.startswith(p + ".") for p in self.modules)
 
 
+#: tracin-tasks' own model builders: a checkpoint layout may name one with the run's own description of
+#: the model (``origin="builtin"``); they treat that description as data (no remote code, no download).
+BUILTIN_FACTORIES = frozenset({"tracin_tasks.integrations.huggingface:model_from_config"})
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """How to rebuild a model: ``"pkg.module:function"``, its keyword arguments, and who named it.
@@ -154,8 +159,10 @@ class ModelSpec:
     Attributes:
         factory: the import path.
         kwargs: plain JSON keyword arguments.
-        origin: ``"caller"`` (the operator passed it: trusted) or ``"run"`` (recorded by the run:
-            trusted only through :class:`FactoryTrust`).
+        origin: ``"caller"`` (the operator passed it: trusted), ``"run"`` (recorded by the run:
+            trusted only through :class:`FactoryTrust`) or ``"builtin"`` (one of tracin-tasks' own
+            builders in :data:`BUILTIN_FACTORIES`, e.g. a Hugging Face model rebuilt from its
+            ``config.json``; the kwargs the run supplies are data for that builder only).
     """
 
     factory: str
@@ -163,8 +170,13 @@ class ModelSpec:
     origin: str = "run"
 
     def __post_init__(self) -> None:
-        if self.origin not in ("caller", "run"):
-            raise ConfigurationError(f"ModelSpec.origin must be 'caller' or 'run', got {self.origin!r}.")
+        if self.origin not in ("caller", "run", "builtin"):
+            raise ConfigurationError(f"ModelSpec.origin must be 'caller', 'run' or 'builtin', got {self.origin!r}.")
+        if self.origin == "builtin" and self.factory not in BUILTIN_FACTORIES:
+            raise UntrustedModelFactoryError(
+                f"{self.factory!r} is not one of tracin-tasks' own model builders ({', '.join(sorted(BUILTIN_FACTORIES))}); "
+                "a spec that claims so was changed by someone else. Nothing was imported."
+            )
         if not isinstance(self.factory, str):
             raise ModelFactoryError(f"A model factory must be a 'package.module:function' string, got {self.factory!r}.")
         object.__setattr__(self, "kwargs", check_model_kwargs(self.kwargs, "the factory's kwargs"))
@@ -195,7 +207,7 @@ def resolve_factory(spec: ModelSpec, trust: FactoryTrust) -> Callable[..., Any]:
         ModelFactoryError: malformed path, import failure, missing attribute, not callable.
     """
     module_name, attr = _split(spec.factory)
-    run_named = spec.origin == "run"
+    run_named = spec.origin == "run"  # "builtin" specs are checked against BUILTIN_FACTORIES when made
     if run_named and not trust.trusts(module_name):
         trusted = ", ".join(trust.modules) if trust.modules else "none"
         raise UntrustedModelFactoryError(

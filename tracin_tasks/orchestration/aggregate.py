@@ -30,7 +30,7 @@ def write_output(frame_or_bytes: Any, path: str) -> str:
 def write_scores(plan: AuditPlan, store: ResultsStore, output_dir: str) -> str:
     """Aggregate every cell and write ``scores.parquet`` (row_id, label, self_influence, ...)."""
     agg = aggregate_cells(store, plan)
-    table = training_table(plan.settings.run_id, plan.settings.tracking_uri, plan.fingerprint)
+    table = training_table(plan.settings, plan.fingerprint)
     frame = pd.DataFrame(
         {
             "row_id": table.row_ids,

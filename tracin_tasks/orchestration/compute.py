@@ -48,7 +48,7 @@ def compute_cell(plan: AuditPlan, cell: Cell, store: ResultsStore, torch_threads
             torch.set_num_threads(torch_threads)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     source = make_source(settings, authority)
-    table = training_table(settings.run_id, settings.tracking_uri, plan.fingerprint)
+    table = training_table(settings, plan.fingerprint)
     from tracin_tasks.integrations.mlflow.layouts import CheckpointRef
 
     model = source.build_model(_planned_spec(plan, authority))

@@ -64,6 +64,11 @@ def audit_training_run(
     trusted_modules: list[str] | None = None,
     max_parameters: int | None = None,
     mlflow_secret_block: str | None = None,
+    lr_metric: str = "lr",
+    artifact_path: str | None = None,
+    training_data: str | None = None,
+    label_column: str | None = None,
+    row_id_column: str | None = None,
 ) -> dict[str, Any]:
     """Audit one MLflow training run: score every row, flag the suspicious ones, validate, report.
 
@@ -114,6 +119,15 @@ def audit_training_run(
         mlflow_secret_block: name of a Prefect Secret block holding the tracking server's
             password (or ``{"username": ..., "password": ...}``); otherwise MLflow's own
             ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD``.
+        lr_metric: the run metric holding the learning rate at each step (``lr``; a Hugging Face
+            Trainer run logs ``learning_rate`` and its checkpoints carry their own rates).
+        artifact_path: look for checkpoint files only under this artifact folder of the run.
+        training_data: the training rows when the run did not log them: a parquet file or a Hugging
+            Face ``datasets`` folder (``save_to_disk``), at a path every worker can read.
+        label_column: the column holding each row's class label (default: what the run recorded,
+            else ``label``).
+        row_id_column: the column holding each row's stable id (default: what the run recorded, else
+            ``row_id``; without one, rows are numbered by position and the report says so).
 
     Returns:
         A summary: audit key, cell counts, paths of the outputs.
@@ -128,6 +142,8 @@ def audit_training_run(
         shard_size=shard_size, steps=steps, max_checkpoints=max_checkpoints, device=device,
         model_factory=model_factory, allow_pickle=allow_pickle, default_learning_rate=default_learning_rate,
         model_kwargs=model_kwargs, max_parameters=max_parameters, mlflow_secret_block=mlflow_secret_block,
+        lr_metric=lr_metric, artifact_path=artifact_path, training_data=training_data, label_column=label_column,
+        row_id_column=row_id_column,
         # resolved here, with this process's TRACIN_TRUSTED_MODULES: every worker applies the same policy
         trusted_modules=FactoryTrust.from_settings(trusted_modules).modules,
     )
@@ -257,6 +273,10 @@ def audit_latest_run(
     model_kwargs: dict[str, Any] | None = None,
     max_parameters: int | None = None,
     mlflow_secret_block: str | None = None,
+    lr_metric: str = "lr",
+    training_data: str | None = None,
+    label_column: str | None = None,
+    row_id_column: str | None = None,
 ) -> dict[str, Any]:
     """Audit the latest finished run of an experiment (for a nightly schedule).
 
@@ -264,7 +284,8 @@ def audit_latest_run(
     with the same settings reuses every stored cell. Flagged rows go to the ``relabel`` sinks;
     rows for a sink that is down wait in ``<output_root>/outbox``, shared by every nightly run, so
     the next night delivers them. ``trusted_modules``, ``model_factory``, ``model_kwargs``,
-    ``max_parameters`` and ``mlflow_secret_block`` are passed to :func:`audit_training_run`.
+    ``max_parameters``, ``mlflow_secret_block``, ``lr_metric``, ``training_data``, ``label_column`` and
+    ``row_id_column`` are passed to :func:`audit_training_run`.
     """
     from tracin_tasks._uris import refuse_uri_credentials
 
@@ -279,7 +300,8 @@ def audit_latest_run(
         output_dir=os.path.join(output_root, run_id), results_uri=results_uri,
         relabel=relabel, outbox_dir=os.path.join(output_root, "outbox"), trusted_modules=trusted_modules,
         model_factory=model_factory, model_kwargs=model_kwargs, max_parameters=max_parameters,
-        mlflow_secret_block=mlflow_secret_block,
+        mlflow_secret_block=mlflow_secret_block, lr_metric=lr_metric, training_data=training_data,
+        label_column=label_column, row_id_column=row_id_column,
     )
 
 

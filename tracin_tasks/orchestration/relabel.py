@@ -68,7 +68,7 @@ def batch_for_audit(plan: AuditPlan, output_dir: str, audit_run_id: str | None =
     if with_features:
         from tracin_tasks.orchestration.sources import training_table
 
-        table = training_table(plan.settings.run_id, plan.settings.tracking_uri, plan.fingerprint)
+        table = training_table(plan.settings, plan.fingerprint)
         shape = table.input_shape
         flagged = issues["flagged"].to_numpy(dtype=bool)
         positions = pd.Index(table.row_ids).get_indexer(issues["row_id"])

@@ -65,7 +65,7 @@ def report_audit(
     settings = plan.settings
     policy = FlagPolicy.from_dict(flag)
     scores_path = os.path.join(output_dir, "scores.parquet")
-    table = training_table(settings.run_id, settings.tracking_uri, plan.fingerprint)
+    table = training_table(settings, plan.fingerprint)
     issues, summary, info = find_label_issues(pd.read_parquet(scores_path), policy, _audit_info(plan))
     files = {"scores.parquet": scores_path,
              "issues.parquet": write_output(issues, os.path.join(output_dir, "issues.parquet"))}

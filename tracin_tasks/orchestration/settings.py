@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from tracin_tasks._checks import check_default_learning_rate, check_mlflow_id, check_positive_int, parse_steps
@@ -80,6 +80,20 @@ class AuditSettings:
     mlflow_secret_block: str | None = option(
         None, "Prefect Secret block holding the tracking server's password (default: $MLFLOW_TRACKING_USERNAME / "
         "$MLFLOW_TRACKING_PASSWORD); never put it in --tracking-uri", metavar="NAME")
+    lr_metric: str = option(
+        "lr", "the run metric that holds the learning rate at each step (Hugging Face Trainer: learning_rate)",
+        metavar="NAME")
+    artifact_path: str | None = option(
+        None, "look for checkpoint files only under this artifact folder of the run", metavar="PATH")
+    training_data: str | None = option(
+        None, "the training rows, when the run did not log them: a parquet file or a Hugging Face datasets folder "
+        "(save_to_disk), a path every worker can read", metavar="PATH")
+    label_column: str | None = option(
+        None, "the column holding each row's class label (default: what the run recorded, else 'label')",
+        metavar="NAME")
+    row_id_column: str | None = option(
+        None, "the column holding each row's stable id (default: what the run recorded, else 'row_id'; a table "
+        "without one is numbered by row position)", metavar="NAME")
 
     def __post_init__(self) -> None:
         from tracin_tasks.integrations.model_factory import (
@@ -111,6 +125,22 @@ class AuditSettings:
             check_positive_int(getattr(self, name), name, allow_none=False)
         check_positive_int(self.max_checkpoints, "max_checkpoints")
         object.__setattr__(self, "default_learning_rate", check_default_learning_rate(self.default_learning_rate))
+        for name in ("lr_metric", "label_column", "row_id_column"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ConfigurationError(f"{name} must be a non-empty column or metric name, got {value!r}.")
+        if not self.lr_metric:
+            raise ConfigurationError("lr_metric must name the run metric holding the learning rate, e.g. 'lr'.")
+        if self.artifact_path is not None:
+            from tracin_tasks.integrations.mlflow.cache import safe_relpath
+
+            object.__setattr__(self, "artifact_path", safe_relpath(self.artifact_path))
+        if self.training_data is not None:
+            if not isinstance(self.training_data, str) or not self.training_data.strip():
+                raise ConfigurationError(f"training_data must be a path, got {self.training_data!r}.")
+            refuse_uri_credentials(self.training_data, "The training data's location")
+            if "://" not in self.training_data:  # a local path: the same file wherever a worker resolves it
+                object.__setattr__(self, "training_data", os.path.abspath(os.path.expanduser(self.training_data)))
         if self.device not in (None, "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ConfigurationError(f"device must be 'cpu', 'cuda', 'cuda:N' or None, got {self.device!r}.")
 
@@ -131,15 +161,22 @@ class AuditSettings:
 
     def scoring_fields(self) -> dict[str, Any]:
         """The settings that change a cell's scores (not batch size, device or sharding)."""
-        fields = {"run_id": self.run_id, "layers": self.to_dict()["layers"], "loss": self.loss,
-                  "model_factory": self.model_factory}
+        scoring = {"run_id": self.run_id, "layers": self.to_dict()["layers"], "loss": self.loss,
+                   "model_factory": self.model_factory}
         if self.model_kwargs:
-            fields["model_kwargs"] = self.model_kwargs
-        return fields
+            scoring["model_kwargs"] = self.model_kwargs
+        # where the checkpoints and rows come from (their contents are keyed too: learning rates and
+        # the data's fingerprint); only the settings that differ from the defaults, so older keys hold
+        scoring.update({k: getattr(self, k) for k in ("lr_metric", "artifact_path", "training_data", "label_column",
+                                                      "row_id_column") if getattr(self, k) != _DEFAULTS[k]})
+        return scoring
 
     def config_hash(self) -> str:
         """A stable hash of the settings that change scores."""
         return stable_hash(self.scoring_fields())
+
+
+_DEFAULTS = {f.name: f.default for f in fields(AuditSettings)}
 
 
 @dataclass(frozen=True)

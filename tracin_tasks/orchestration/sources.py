@@ -33,6 +33,11 @@ def make_source(settings: AuditSettings, authority: AuditSettings | None = None)
         default_learning_rate=settings.default_learning_rate,
         trusted_modules=trusted.trusted_modules,
         max_parameters=trusted.max_parameters,
+        lr_metric=settings.lr_metric,
+        artifact_path=settings.artifact_path,
+        training_data=settings.training_data,
+        label_column=settings.label_column,
+        row_id_column=settings.row_id_column,
     )
 
 
@@ -80,14 +85,23 @@ def _load_mlflow_credentials(block: str) -> None:
     os.environ["MLFLOW_TRACKING_PASSWORD"] = password
 
 
-@functools.lru_cache(maxsize=4)
-def training_table(run_id: str, tracking_uri: str | None, fingerprint: str) -> TrainingTable:
+def training_table(settings: AuditSettings, fingerprint: str) -> TrainingTable:
     """The training data of an audit, read once per worker process (its cells share it), refused when
     it changed since the audit was planned."""
-    table = make_source(AuditSettings(run_id=run_id, tracking_uri=tracking_uri)).training_table()
+    return _training_table(settings.run_id, settings.tracking_uri, settings.training_data, settings.label_column,
+                           settings.row_id_column, fingerprint)
+
+
+@functools.lru_cache(maxsize=4)
+def _training_table(run_id: str, tracking_uri: str | None, training_data: str | None, label_column: str | None,
+                    row_id_column: str | None, fingerprint: str) -> TrainingTable:
+    where = (AuditSettings(run_id=run_id, tracking_uri=tracking_uri, training_data=training_data,
+                           label_column=label_column, row_id_column=row_id_column))
+    table = make_source(where).training_table()
     if table.fingerprint() != fingerprint:
+        origin = training_data or f"run {run_id}"
         raise DataError(
-            f"The training data of run {run_id} changed since the audit was planned (fingerprint "
-            f"{table.fingerprint()} vs {fingerprint}); re-plan the audit."
+            f"The training data of {origin} changed since the audit was planned (fingerprint "
+            f"{table.fingerprint()} vs {fingerprint}); re-run the audit to plan it again."
         )
     return table

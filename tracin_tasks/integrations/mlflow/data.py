@@ -21,8 +21,10 @@ from tracin_tasks.integrations.mlflow.cache import RunCache, read_small_json
 from tracin_tasks.integrations.mlflow.logging import DATA_SPEC
 
 
-def read_training_table(cache: RunCache, run: Any) -> TrainingTable:
-    """The training data of ``run`` (an MLflow ``Run``), validated."""
+def read_training_table(cache: RunCache, run: Any, label_column: str | None = None,
+                        row_id_column: str | None = None) -> TrainingTable:
+    """The training data of ``run`` (an MLflow ``Run``), validated; ``label_column`` and ``row_id_column``
+    override what the run recorded."""
     run_id = cache.run_id
     try:
         spec = read_small_json(cache, DATA_SPEC)
@@ -57,8 +59,8 @@ def read_training_table(cache: RunCache, run: Any) -> TrainingTable:
         ) from exc
     return TrainingTable.from_frame(
         frame,
-        spec.get("label_column", "label"),
-        spec.get("row_id_column", "row_id"),
+        label_column or spec.get("label_column", "label"),
+        row_id_column or spec.get("row_id_column", "row_id"),
         spec.get("feature_columns"),
         spec.get("input_shape"),
     )

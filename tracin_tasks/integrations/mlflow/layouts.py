@@ -43,6 +43,8 @@ _SKIP_DIRS = {"training_data", "tracin", "ground_truth", "audit"}
 _STEP_RE = re.compile(r"(?:step|epoch|ckpt|checkpoint|iter|iteration)[_\-=]?(\d+)", re.IGNORECASE)
 _INT_RE = re.compile(r"(\d+)")
 _HELPER_FOLDER = re.compile(rf"^{re.escape(CHECKPOINT_ROOT)}/step_(\d+)$")
+#: checkpoint kinds whose ``location`` is an artifact path of the run (the others name a LoggedModel)
+ARTIFACT_KINDS = {"artifact"}
 
 
 @dataclass(frozen=True)
@@ -72,15 +74,27 @@ class RunFiles(Protocol):
     run_id: str
     artifact_path: str | None
     allow_pickle: bool
+    lr_metric: str
 
     def run(self) -> Any: ...
     def list(self, path: str | None) -> list: ...
     def download(self, artifact_path: str, model_id: str | None = None) -> str: ...
     def lr_history(self) -> dict[int, float]: ...
-    def list_logged_model(self, model_id: str) -> list: ...
+    def metric_history(self, name: str) -> dict[int, float]: ...
+    def list_logged_model(self, model_id: str, path: str | None = "data") -> list: ...
+    def logged_model(self, model_id: str) -> Any: ...
+    def read_json(self, path: str, model_id: str | None = None, max_bytes: int = ...) -> Any: ...
 
 
 class CheckpointLayout(Protocol):
+    """One way a run keeps its checkpoints.
+
+    ``kind`` is recorded in the plan and picks the layout that reads a checkpoint back, so it is
+    unique to the layout. A layout whose checkpoints describe their own architecture (a Hugging Face
+    ``config.json``) may also offer ``model_spec(run, refs) -> ModelSpec | None``; the caller's
+    ``model_factory`` still wins.
+    """
+
     name: str
     kind: str
 
@@ -200,7 +214,7 @@ def _pick(run: RunFiles, step: int, paths: list[str]) -> str:
         if len(preferred) != 1:
             raise CheckpointError(
                 f"Run {run.run_id} has several weight files for step {step}: {paths}. Pass "
-                "artifact_path= to point at the folder that holds the model checkpoints."
+                "artifact_path= (--artifact-path) to point at the folder that holds the model checkpoints."
             )
         paths = preferred
     return paths[0]
@@ -251,14 +265,20 @@ def register_layout(layout: CheckpointLayout, before: str | None = None) -> None
     LAYOUTS.insert(names.index(before) if before in names else len(LAYOUTS), layout)
 
 
-def find_checkpoints(run: RunFiles) -> list[CheckpointRef]:
-    """The checkpoints of the first layout that finds any, in step order (learning rates unchecked)."""
+def find_checkpoints_with_layout(run: RunFiles) -> tuple[CheckpointLayout | None, list[CheckpointRef]]:
+    """The first layout that finds checkpoints in the run, and those checkpoints in step order
+    (learning rates unchecked); ``(None, [])`` when none does."""
     for layout in LAYOUTS:
         found = layout.find(run)
         if found:
             logger.info("run %s: %d checkpoints (%s layout)", run.run_id, len(found), layout.name)
-            return sorted(found, key=lambda r: r.step)
-    return []
+            return layout, sorted(found, key=lambda r: r.step)
+    return None, []
+
+
+def find_checkpoints(run: RunFiles) -> list[CheckpointRef]:
+    """The checkpoints of the first layout that finds any, in step order (learning rates unchecked)."""
+    return find_checkpoints_with_layout(run)[1]
 
 
 def read_checkpoint(run: RunFiles, ref: CheckpointRef, limits: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -48,9 +48,9 @@ def checked_learning_rates(refs: list, *, run_id: str, lr_metric: str, default: 
     """
     bad = [r for r in refs if r.lr_source != "missing" and not usable_lr(r.learning_rate)]
     if bad:
-        origin = {"metric": f"the {lr_metric!r} metric"}
+        origin = {"metric": f"the {lr_metric!r} metric", "metadata": "its meta.json"}
         listed = ", ".join(
-            f"step {r.step}: {_lr_text(r.learning_rate)} (from {origin.get(r.lr_source, 'its meta.json')})"
+            f"step {r.step}: {_lr_text(r.learning_rate)} (from {origin.get(r.lr_source, r.lr_source.replace('_', ' '))})"
             for r in bad[:10]
         )
         raise LearningRateError(
@@ -58,7 +58,7 @@ def checked_learning_rates(refs: list, *, run_id: str, lr_metric: str, default: 
             f"({listed}{' ...' if len(bad) > 10 else ''}). TracIn weights each checkpoint by the learning "
             "rate in force at its step, so the audit cannot use them. Log the right value at each of those "
             f"steps: MlflowClient().log_metric({run_id!r}, {lr_metric!r}, <lr>, step=<step>) "
-            "(the latest value logged at a step wins), or leave those steps out with steps=[...]."
+            "(the latest value logged at a step wins), or leave those steps out with steps=[...] (--steps)."
         )
     missing = [r for r in refs if r.lr_source == "missing"]
     if not missing:
@@ -72,8 +72,9 @@ def checked_learning_rates(refs: list, *, run_id: str, lr_metric: str, default: 
             "each checkpoint by the learning rate in force there. Log it at each step: "
             f"MlflowClient().log_metric({run_id!r}, {lr_metric!r}, <lr>, step=<step>) "
             "(tracin_tasks.mlflow.log_checkpoint(model, step=..., learning_rate=...) does this while "
-            "training); or pass lr_metric= if the run logged it under another name; or pass "
-            "default_learning_rate=1.0 to weight every checkpoint equally."
+            "training); or pass lr_metric= (--lr-metric NAME) if the run logged it under another name; "
+            "or pass default_learning_rate=1.0 (--default-learning-rate 1.0) to weight every checkpoint "
+            "equally."
         )
     message = (
         f"No learning rate for the checkpoints at steps {shown} (no '{lr_metric}' metric at those "

@@ -18,11 +18,18 @@ from torch import nn
 from tracin_tasks._checks import check_default_learning_rate, check_mlflow_id, check_positive_int, parse_steps
 from tracin_tasks.core.checkpoint import Checkpoint
 from tracin_tasks.core.table import TrainingTable
-from tracin_tasks.exceptions import CheckpointError, ModelFactoryError, NoCheckpointsError
-from tracin_tasks.integrations.mlflow.cache import RunCache, read_small_json, safe_relpath
+from tracin_tasks.exceptions import CheckpointError, ConfigurationError, ModelFactoryError, NoCheckpointsError
+from tracin_tasks.integrations.mlflow.cache import MAX_SPEC_BYTES, RunCache, read_small_json, safe_relpath
 from tracin_tasks.integrations.mlflow.client import TrackingClient
 from tracin_tasks.integrations.mlflow.data import read_training_table
-from tracin_tasks.integrations.mlflow.layouts import WEIGHT_SUFFIXES, CheckpointRef, find_checkpoints, read_checkpoint
+from tracin_tasks.integrations.mlflow.layouts import (
+    ARTIFACT_KINDS,
+    WEIGHT_SUFFIXES,
+    CheckpointLayout,
+    CheckpointRef,
+    find_checkpoints_with_layout,
+    read_checkpoint,
+)
 from tracin_tasks.integrations.mlflow.learning_rates import checked_learning_rates
 from tracin_tasks.integrations.mlflow.logging import FACTORY_SPEC, LR_METRIC
 from tracin_tasks.integrations.model_factory import (
@@ -60,6 +67,11 @@ class MlflowCheckpointSource:
         max_parameters: ceiling on the model's and each checkpoint's elements (default
             ``TRACIN_MAX_PARAMETERS`` or 10⁹); checked before anything is allocated.
         allow_pickle: allow checkpoint files that need unpickling (only for runs you trust).
+        training_data: the training rows when the run did not log them: a parquet file or a Hugging
+            Face ``datasets`` folder (``save_to_disk``).
+        label_column, row_id_column: the label and row-id columns of the training data (default:
+            what the run recorded, else ``label`` / ``row_id``; without a row-id column rows are
+            numbered by position).
         default_learning_rate: the learning rate of checkpoints the run logged none for (no
             ``lr_metric`` at their step, none in their metadata). ``None`` (the default) refuses
             such checkpoints with :class:`LearningRateError`; ``1.0`` weights them all equally.
@@ -94,6 +106,9 @@ class MlflowCheckpointSource:
         backoff: float | None = None,
         trusted_modules: Sequence[str] | str | None = None,
         max_parameters: int | None = None,
+        training_data: str | os.PathLike[str] | None = None,
+        label_column: str | None = None,
+        row_id_column: str | None = None,
     ):
         self.run_id = check_mlflow_id(run_id, "run_id")
         self.client = TrackingClient(tracking_uri, retries, backoff)
@@ -109,9 +124,13 @@ class MlflowCheckpointSource:
         self.max_parameters = check_max_parameters(max_parameters) or max_parameters_from_env()
         self.allow_pickle = bool(allow_pickle)
         self.default_learning_rate = check_default_learning_rate(default_learning_rate)
+        self.training_data = os.fspath(training_data) if training_data is not None else None
+        self.label_column = label_column
+        self.row_id_column = row_id_column
         self.warnings: list[str] = []
         self._run = None
         self._refs: list[CheckpointRef] | None = None
+        self._layout: CheckpointLayout | None = None
 
     @property
     def display_uri(self) -> str | None:
@@ -131,21 +150,60 @@ class MlflowCheckpointSource:
     def download(self, artifact_path: str, model_id: str | None = None) -> str:
         return self.cache.download(artifact_path, model_id=model_id)
 
-    def lr_history(self) -> dict[int, float]:
+    def metric_history(self, name: str) -> dict[int, float]:
+        """A metric of the run, step → value (the latest value logged at a step wins)."""
         history = self.client.call("get_metric_history",
-                                   lambda: self.client.mlflow.get_metric_history(self.run_id, self.lr_metric))
+                                   lambda: self.client.mlflow.get_metric_history(self.run_id, name))
         return {int(m.step): float(m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))}
 
-    def list_logged_model(self, model_id: str) -> list:
+    def lr_history(self) -> dict[int, float]:
+        return self.metric_history(self.lr_metric)
+
+    def list_logged_model(self, model_id: str, path: str | None = "data") -> list:
+        """The files of a LoggedModel under ``path`` (paths relative to the model's artifact root)."""
         return self.client.call("list LoggedModel artifacts",
-                                lambda: self.client.mlflow.list_logged_model_artifacts(model_id, "data"))
+                                lambda: self.client.mlflow.list_logged_model_artifacts(model_id, path))
+
+    def logged_model(self, model_id: str) -> Any:
+        """An MLflow ``LoggedModel`` (its name, tags, params, step)."""
+        return self.client.call("get LoggedModel", lambda: self.client.mlflow.get_logged_model(model_id))
+
+    def read_json(self, path: str, model_id: str | None = None, max_bytes: int = MAX_SPEC_BYTES) -> Any:
+        """A JSON file of the run (or of one of its LoggedModels), refused unread above ``max_bytes``.
+
+        Raises:
+            CheckpointError: the file is missing or is not JSON.
+            ConfigurationError: it is larger than ``max_bytes``.
+        """
+        rel = safe_relpath(path)
+        folder = rel.rsplit("/", 1)[0] if "/" in rel else None
+        where = f"{rel} of LoggedModel {model_id}" if model_id else f"{rel} of run {self.run_id}"
+        listing = self.list_logged_model(model_id, folder) if model_id else self.list(folder)
+        sizes = {f.path: f.file_size for f in listing if not f.is_dir}
+        if rel not in sizes:
+            raise CheckpointError(f"{where} does not exist.")
+
+        def refuse(size: int) -> None:
+            raise ConfigurationError(f"{where} is {size:,} bytes, more than the {max_bytes:,} such a file can be; "
+                                     "the audit does not read it.")
+
+        if (sizes[rel] or 0) > max_bytes:
+            refuse(sizes[rel])
+        local = self.download(rel, model_id=model_id)
+        if os.path.getsize(local) > max_bytes:  # the listing may understate it
+            refuse(os.path.getsize(local))
+        try:
+            with open(local, encoding="utf-8") as fh:
+                return json.load(fh)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{where} is not JSON ({exc}).") from None
 
     # -- checkpoints ------------------------------------------------------------------------
     def checkpoint_refs(self) -> list[CheckpointRef]:
         """The run's checkpoints in step order, with learning rates, before any download."""
         if self._refs is None:
             self.run()
-            found = find_checkpoints(self)
+            self._layout, found = find_checkpoints_with_layout(self)
             if not found:
                 where = f"under {self.artifact_path!r}" if self.artifact_path else "in its artifacts"
                 raise NoCheckpointsError(
@@ -187,13 +245,14 @@ class MlflowCheckpointSource:
                 the file's declared names and shapes are compared with it before any tensor is made.
             model_name: for the mismatch message.
         """
-        what = (f"Checkpoint {ref.location!r} of run {self.run_id}" if ref.kind == "artifact"
+        what = (f"Checkpoint {ref.location!r} of run {self.run_id}" if ref.kind in ARTIFACT_KINDS
                 else f"LoggedModel {ref.location} (step {ref.step}) of run {self.run_id}")
         limits = {"expected": expected, "max_parameters": self.max_parameters, "step": ref.step,
                   "model_name": model_name, "what": what}
         state = read_checkpoint(self, ref, limits)
         meta = {
-            "source": f"runs:/{self.run_id}/{ref.location}" if ref.kind == "artifact" else f"models:/{ref.location}",
+            "source": (f"runs:/{self.run_id}/{ref.location}" if ref.kind in ARTIFACT_KINDS
+                       else f"models:/{ref.location}"),
             "lr_source": ref.lr_source,
             **{k: v for k, v in ref.metadata.items() if k not in ("step", "learning_rate")},
         }
@@ -209,6 +268,11 @@ class MlflowCheckpointSource:
         if self.model_factory:
             return ModelSpec(self.model_factory, dict(self.model_kwargs), "caller")
         self.run()
+        refs = self.checkpoint_refs()
+        from_layout = getattr(self._layout, "model_spec", None)
+        spec = from_layout(self, refs) if from_layout else None
+        if spec is not None:  # the checkpoints describe their own architecture (e.g. a config.json)
+            return spec
         try:
             spec = read_small_json(self.cache, FACTORY_SPEC)
         except CheckpointError:
@@ -239,7 +303,11 @@ class MlflowCheckpointSource:
     # -- training data ----------------------------------------------------------------------
     def training_table(self) -> TrainingTable:
         """The run's training data, validated."""
-        return read_training_table(self.cache, self.run())
+        if self.training_data is not None:
+            from tracin_tasks.integrations.training_data import read_table
+
+            return read_table(self.training_data, self.label_column, self.row_id_column)
+        return read_training_table(self.cache, self.run(), self.label_column, self.row_id_column)
 
 
 def build_from_factory(factory: str, kwargs: dict[str, Any]) -> nn.Module:
