@@ -25,7 +25,14 @@ export PYTHONDONTWRITEBYTECODE := 1
 LS_VENV ?= $(STATE)/label-studio/venv
 LABEL_STUDIO ?= label-studio==1.23.2
 
-.PHONY: demo test bench venv browser postgres label-studio test-deps clean
+# torchvision's wheels each match one torch release; PyPI's do not load beside the CPU build of
+# torch above. The ResNet-18 test (tests/core/test_resnet18.py) runs in this environment instead:
+# the torch/torchvision pair below (a CUDA build, which runs on the CPU too), numpy and pandas; the
+# test puts this checkout on its PYTHONPATH. Elsewhere, install the pair that matches your torch build in the main venv.
+VISION_VENV ?= $(STATE)/vision/venv
+VISION_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test bench venv browser postgres label-studio vision test-deps clean
 
 venv: $(VENV)/.installed
 
@@ -67,9 +74,16 @@ $(LS_VENV)/.installed: $(LS_VENV)/.pip-installed $(VENV)/.installed
 	TRACIN_LABEL_STUDIO_VENV=$(LS_VENV) $(BIN)/python tests/relabel/_labelstudio.py
 	touch $@
 
+vision: $(VISION_VENV)/.installed
+
+$(VISION_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VISION_VENV)
+	$(VISION_VENV)/bin/python -m pip --disable-pip-version-check -q install $(VISION_TORCH) "numpy>=1.26,<3" "pandas>=2.1,<4" 2> >(grep -v 'is ignored' >&2)
+	touch $@
+
 # the slow installs are independent: run them side by side
 test-deps:
-	$(MAKE) -j4 --no-print-directory venv browser postgres label-studio
+	$(MAKE) -j5 --no-print-directory venv browser postgres label-studio vision
 
 demo: venv
 	$(BIN)/tracin-tasks demo --workdir .demo
@@ -80,7 +94,7 @@ demo: venv
 TEST_WORKERS ?= 2
 
 test: test-deps
-	TRACIN_LABEL_STUDIO_VENV=$(LS_VENV) $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+	TRACIN_LABEL_STUDIO_VENV=$(LS_VENV) TRACIN_VISION_VENV=$(VISION_VENV) $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 bench: venv
 	$(BIN)/python benchmarks/bench_core.py

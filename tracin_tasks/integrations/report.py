@@ -107,6 +107,18 @@ def _fig_bytes(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _data_facts(data: dict[str, Any] | None) -> list[list[str]]:
+    """Where the rows came from, and which columns are the label and the row id."""
+    if not data:
+        return []
+    ids = (f"<code>{_e(data['row_id_column'])}</code>" if not data.get("row_ids_are_positions") else
+           "<span class='bad'>row positions</span> (the data has no row-id column: a row is known by its place "
+           "in the file, so keep the file in the order the training run saw it)")
+    return [["rows from", _e(data.get("source") or "")],
+            ["label column", f"<code>{_e(data.get('label_column') or '')}</code>"],
+            ["row ids", ids]]
+
+
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
@@ -180,6 +192,7 @@ def render_report(inputs: ReportInputs, plots: dict[str, bytes] | None = None, t
         ["training run", _e(run_id)],
         ["tracking server", _e(info.get("tracking_uri") or "")],
         ["training data", f"{summary['rows']:,} rows, fingerprint <code>{_e(info.get('fingerprint', ''))}</code>"],
+        *_data_facts(info.get("training_data")),
         ["layers", _e(info.get("layers") if info.get("layers") is not None else "all trainable layers")],
         ["loss", _e(info.get("loss", ""))],
         ["settings hash", f"<code>{_e(info.get('settings_hash', ''))}</code>"],
@@ -188,6 +201,9 @@ def render_report(inputs: ReportInputs, plots: dict[str, bytes] | None = None, t
     ck_rows = [[_e(c.get("step")), f"{float(c.get('learning_rate', float('nan'))):.4g}", _e(c.get("lr_source", ""))]
                for c in info.get("checkpoints", [])]
     parts.append(_table(ck_rows, ["checkpoint step", "learning rate", "learning rate from"]))
+    parts.append("<p class='muted'>Each checkpoint is weighted by the learning rate in force while the model moved to "
+                 "it: the rate of the last update before it was saved (an optimizer state saved after its scheduler "
+                 "stepped holds the next rate, which is not used).</p>")
     for w in info.get("warnings", []):
         parts.append(f"<p class='bad'>Warning: {_e(w)}</p>")
 

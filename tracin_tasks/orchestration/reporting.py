@@ -66,7 +66,7 @@ def report_audit(
     policy = FlagPolicy.from_dict(flag)
     scores_path = os.path.join(output_dir, "scores.parquet")
     table = training_table(settings, plan.fingerprint)
-    issues, summary, info = find_label_issues(pd.read_parquet(scores_path), policy, _audit_info(plan))
+    issues, summary, info = find_label_issues(pd.read_parquet(scores_path), policy, _audit_info(plan, table))
     files = {"scores.parquet": scores_path,
              "issues.parquet": write_output(issues, os.path.join(output_dir, "issues.parquet"))}
 
@@ -95,12 +95,18 @@ def report_audit(
     return ReportResult(files, summary, validation, mlflow_run, issues[issues["flagged"]].head(20).to_dict("records"))
 
 
-def _audit_info(plan: AuditPlan) -> dict[str, Any]:
-    """What the report and the MLflow run say about the audit itself."""
+def _audit_info(plan: AuditPlan, table: Any = None) -> dict[str, Any]:
+    """What the report and the MLflow run say about the audit itself (and its training data, when given)."""
     import tracin_tasks
 
     settings = plan.settings
+    data = None
+    if table is not None:
+        data = {"source": settings.training_data or "logged with the run", "label_column": table.label_column,
+                "row_id_column": table.row_id_column,
+                "row_ids_are_positions": bool(getattr(table, "ids_are_positions", False))}
     return {
+        "training_data": data,
         "run_id": settings.run_id,
         "tracking_uri": redact(settings.tracking_uri),
         "audit_key": plan.audit_key,
