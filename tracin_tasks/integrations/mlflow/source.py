@@ -130,7 +130,7 @@ class MlflowCheckpointSource:
         self.warnings: list[str] = []
         self._run = None
         self._refs: list[CheckpointRef] | None = None
-        self._layout: CheckpointLayout | None = None
+        self._layout_found: tuple[CheckpointLayout | None, list[CheckpointRef]] | None = None
 
     @property
     def display_uri(self) -> str | None:
@@ -202,8 +202,7 @@ class MlflowCheckpointSource:
     def checkpoint_refs(self) -> list[CheckpointRef]:
         """The run's checkpoints in step order, with learning rates, before any download."""
         if self._refs is None:
-            self.run()
-            self._layout, found = find_checkpoints_with_layout(self)
+            found = self._found()[1]
             if not found:
                 where = f"under {self.artifact_path!r}" if self.artifact_path else "in its artifacts"
                 raise NoCheckpointsError(
@@ -216,6 +215,13 @@ class MlflowCheckpointSource:
             self.warnings.extend(warnings)
             self._refs = refs
         return list(self._refs)
+
+    def _found(self) -> tuple[CheckpointLayout | None, list[CheckpointRef]]:
+        """The layout that found the run's checkpoints, and all of them (searched once)."""
+        if self._layout_found is None:
+            self.run()
+            self._layout_found = find_checkpoints_with_layout(self)
+        return self._layout_found
 
     def _select(self, refs: list[CheckpointRef]) -> list[CheckpointRef]:
         wanted, every = self.steps
@@ -268,9 +274,9 @@ class MlflowCheckpointSource:
         if self.model_factory:
             return ModelSpec(self.model_factory, dict(self.model_kwargs), "caller")
         self.run()
-        refs = self.checkpoint_refs()
-        from_layout = getattr(self._layout, "model_spec", None)
-        spec = from_layout(self, refs) if from_layout else None
+        layout, found = self._found()
+        from_layout = getattr(layout, "model_spec", None)
+        spec = from_layout(self, self._select(found)) if from_layout and found else None
         if spec is not None:  # the checkpoints describe their own architecture (e.g. a config.json)
             return spec
         try:
