@@ -9,9 +9,16 @@ it, and turns a batch into one factor per selected parameter:
 * every other selected parameter comes from ``torch.func`` (``functional_call`` +
   ``vmap(grad)``), or a per-row autograd loop for models that ``vmap`` cannot trace.
 
+Inputs are a tuple (``model(*xs)``) or a dict (``model(**xs)``); the model's outputs may be a
+tensor, an object or dict with ``logits``, or a tuple led by them (see
+:mod:`tracin_tasks.core.data`).
+
 On the first batch the engine checks, per parameter, that the per-row gradients it built sum to
-the batch gradient autograd computes; a layer that fails (e.g. its weight is also used outside
-its own ``forward``) moves to the generic path with a warning.
+the batch gradient autograd computes, and that the first row's equal that row's own gradient;
+differences are measured against the parameter's gradient with an absolute floor tied to the
+whole gradient's size and the dtype's rounding error. A layer that fails (e.g. its weight is also
+used outside its own ``forward``, or its input is shared by the rows) moves to the generic path
+with a warning.
 """
 
 from __future__ import annotations
@@ -19,14 +26,17 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from tracin_tasks.core.factors import DenseFactor, Factor, batch_sum
+from tracin_tasks.core.data import ModelInputs, call_model, index_inputs, map_inputs, output_logits
+from tracin_tasks.core.factors import DenseFactor, Factor, OuterFactor, batch_sum
 from tracin_tasks.core.layers import Capture, batch_coupling, factors_for, fast_param_names
 from tracin_tasks.core.losses import LossFn
 from tracin_tasks.exceptions import (
@@ -172,7 +182,7 @@ class GradientEngine:
                     own[local] = p
             if own:
                 cap = Capture(mname, module, own)
-                module.register_forward_hook(cap.hook)
+                module.register_forward_hook(cap.hook, with_kwargs=True)
                 self.captures.append(cap)
                 for local in own:
                     self._capture_of[f"{mname}.{local}" if mname else local] = (cap, local)
@@ -190,46 +200,79 @@ class GradientEngine:
         self.model.load_state_dict(state_dict, strict=True)
 
     # -- per-example gradients ---------------------------------------------------------
+    def _logits(self, xs: ModelInputs) -> torch.Tensor:
+        return output_logits(call_model(self.model, xs))
+
     def _forward_factors(
-        self, xs: tuple[torch.Tensor, ...], y: torch.Tensor, first_row: int, params: list[torch.Tensor] = ()
-    ) -> tuple[dict[str, Factor], torch.Tensor, torch.Tensor, tuple]:
+        self,
+        xs: ModelInputs,
+        y: torch.Tensor,
+        first_row: int,
+        params: Sequence[torch.Tensor] = (),
+        row: int | None = None,
+    ) -> _Pass:
         """One forward pass with the capture hooks on, one backward pass to the captured outputs
-        (and to ``params``, when asked). Returns factors, outputs, losses, parameter gradients."""
+        (and to ``params``, when asked; and, for ``row``, a second one of that row's loss alone)."""
+        b = y.shape[0]
         for cap in self.captures:
             cap.records.clear()
+            cap.versions.clear()
             cap.active = True
+            cap.batch = b
+            cap.spread_calls = 0
         try:
             with torch.enable_grad():
-                outputs = self.model(*xs)
+                outputs = self._logits(xs)
+                changed = [cap for cap in self.captures if cap.modified_in_place()]
+                if changed:  # e.g. ReLU(inplace=True) after a norm layer: take the gradient to a copy
+                    for cap in changed:
+                        cap.clone = True
+                    logger.info("layers %s: outputs changed in place downstream; capturing copies",
+                                [c.name for c in changed])
+                    return self._forward_factors(xs, y, first_row, params, row)
                 if self.label_check is not None:
                     self.label_check(outputs, y, first_row)
                 losses = self.loss_fn(outputs, y)
                 targets = [out for cap in self.captures for _, out in cap.records]
                 wanted = targets + list(params)
-                grads = torch.autograd.grad(losses.sum(), wanted, allow_unused=True) if wanted else ()
+                keep = row is not None and bool(params)
+                grads = (torch.autograd.grad(losses.sum(), wanted, allow_unused=True, retain_graph=keep)
+                         if wanted else ())
+                row_grads = torch.autograd.grad(losses[row], list(params), allow_unused=True) if keep else ()
         finally:
             for cap in self.captures:
                 cap.active = False
         result: dict[str, Factor] = {}
+        not_per_row: list[str] = []
         pos = 0
         for cap in self.captures:
             n_rec = len(cap.records)
-            for local, factor in factors_for(cap, list(grads[pos : pos + n_rec])).items():
-                result[f"{cap.name}.{local}" if cap.name else local] = factor
+            if any(out.dim() == 0 or out.shape[0] != b for _, out in cap.records):
+                # an input that is not one entry per row (a flattened batch, a shared tensor):
+                # the layer's own inputs cannot give per-row gradients
+                not_per_row.append(cap.name)
+            else:
+                for local, factor in factors_for(cap, list(grads[pos : pos + n_rec])).items():
+                    result[f"{cap.name}.{local}" if cap.name else local] = factor
             pos += n_rec
             cap.records.clear()
-        return result, outputs.detach(), losses.detach(), tuple(grads[len(targets) :])
+        return _Pass(result, outputs.detach(), losses.detach(), tuple(grads[len(targets) :]), tuple(row_grads),
+                     not_per_row)
 
-    def factors(
-        self, xs: tuple[torch.Tensor, ...], y: torch.Tensor, first_row: int = 0
-    ) -> tuple[dict[str, Factor], torch.Tensor]:
-        """Per-example gradients of every selected parameter, and the model's outputs.
+    def factors(self, xs: ModelInputs, y: torch.Tensor, first_row: int = 0) -> tuple[dict[str, Factor], torch.Tensor]:
+        """Per-example gradients of every selected parameter, and the model's outputs (logits).
 
-        ``first_row`` is the position of the batch's first row in the data (for error messages).
+        ``xs`` is a tuple of positional inputs or a dict of keyword inputs (see
+        :mod:`tracin_tasks.core.data`). ``first_row`` is the position of the batch's first row in
+        the data (for error messages).
         """
         if not self._verified and self._capture_of:
             self._check_fast_path(xs, y, first_row)
-        result, outputs, _, _ = self._forward_factors(xs, y, first_row)
+        done = self._forward_factors(xs, y, first_row)
+        if done.not_per_row:  # seen only now (a batch of another size): the generic path is exact
+            self._demote(done.not_per_row, _NOT_PER_ROW)
+            return self.factors(xs, y, first_row)
+        result = done.factors
         for name, g in self._fallback(xs, y).items():
             result[name] = DenseFactor(g.reshape(g.shape[0], -1))
         # rows the fast path never touched (module unused for this batch) have zero gradient
@@ -237,67 +280,111 @@ class GradientEngine:
             if name not in result:
                 p = self.model.get_parameter(name)
                 result[name] = DenseFactor(p.new_zeros(y.shape[0], p.numel()))
-        return result, outputs
+        return result, done.outputs
 
-    def _check_fast_path(self, xs: tuple[torch.Tensor, ...], y: torch.Tensor, first_row: int) -> None:
+    def _check_fast_path(self, xs: ModelInputs, y: torch.Tensor, first_row: int) -> None:
         """Run the first-batch check on the batch's rows with a finite loss (NaN rows would spoil
         every sum); a batch without any leaves the check to the next batch."""
         with torch.no_grad():
-            outputs = self.model(*xs)
+            plain = self._logits(xs)
             if self.label_check is not None:
-                self.label_check(outputs, y, first_row)
-            losses = self.loss_fn(outputs, y)
+                self.label_check(plain, y, first_row)
+            losses = self.loss_fn(plain, y)
         finite = torch.isfinite(losses)
         if not bool(finite.any()):
             return
         if not bool(finite.all()):
-            xs, y = tuple(x[finite] for x in xs), y[finite]
-        params = [self.model.get_parameter(n) for n in self._capture_of]
-        result, _, _, batch_grads = self._forward_factors(xs, y, first_row, params)
-        self._verified = self._verify(result, dict(zip(self._capture_of, batch_grads))) is not None
+            xs, y, plain = index_inputs(xs, finite), y[finite], plain[finite]
+        while self._capture_of:
+            names = list(self._capture_of)
+            params = [self.model.get_parameter(n) for n in names]
+            try:
+                done = self._forward_factors(xs, y, first_row, params, row=0)
+                error = None
+            except Exception as exc:  # noqa: BLE001 - re-raised below unless the expansion caused it
+                done, error = None, exc
+            spread = sorted({c.name for c in self.captures if c.spread_calls})
+            if error is not None and not spread:
+                raise error
+            if spread and (error is not None or not _same_outputs(done.outputs, plain, self.dtype)):
+                for cap in self.captures:
+                    if cap.name in spread:
+                        cap.spread = False
+                self._demote(spread, "expanding their shared index tensor to the batch changes the model's outputs")
+                continue
+            verdict = self._verify(done, names)
+            self._verified = verdict is not None
+            return
 
-    def _verify(self, result: dict[str, Factor], batch_grads: dict[str, torch.Tensor | None]) -> bool | None:
-        """Compare Σ per-row gradients with autograd's batch gradient; demote layers that differ.
+    def _verify(self, done: _Pass, names: list[str]) -> bool | None:
+        """Compare the per-row gradients with autograd's; demote the layers that differ.
+
+        Two checks per parameter: the per-row gradients summed over the batch against the batch
+        gradient, and the first row's against that row's own gradient (which catches a
+        gradient that is right in total but given to the wrong rows). Each difference is measured
+        against the parameter's own gradient, with an absolute floor of a few hundred rounding
+        errors of the whole gradient: some parameters have a gradient that is zero in exact
+        arithmetic (the key bias of attention, to which softmax is invariant), and rounding alone
+        would fail a purely relative test there.
 
         Returns True when layers were moved to the generic path, False when all agree, and None
         when the batch cannot tell (non-finite gradients; the next batch is checked instead).
         """
         tol = 1e-9 if self.dtype == torch.float64 else (1e-3 if self.dtype == torch.float32 else 3e-2)
-        bad_modules = set()
-        for name, (cap, _local) in self._capture_of.items():
-            ref = batch_grads.get(name)
-            ref = torch.zeros_like(self.model.get_parameter(name)) if ref is None else ref
-            ours = batch_sum(result[name]) if name in result else torch.zeros(ref.numel(), device=ref.device, dtype=ref.dtype)
-            err = (ours.reshape(-1) - ref.reshape(-1)).norm()
-            scale = ref.norm() + ours.norm() + 1e-30
-            if not torch.isfinite(err):
+        # capped at tol: in half precision a few hundred rounding errors would excuse anything
+        floor_eps = min(_FLOOR_ROUNDING_ERRORS * torch.finfo(self.dtype).eps, tol)
+        if done.not_per_row:
+            self._demote(done.not_per_row, _NOT_PER_ROW)
+        bad_modules: set[str] = set()
+        checks = []
+        for refs, ours_of in ((done.param_grads, batch_sum), (done.row_grads, lambda f: batch_sum(_first_row(f)))):
+            refs = {n: torch.zeros_like(self.model.get_parameter(n)) if g is None else g for n, g in zip(names, refs)}
+            overall = math.sqrt(sum(float(g.double().pow(2).sum()) for g in refs.values()))
+            if not math.isfinite(overall):
                 return None
-            if err <= tol * scale:
+            checks.append((refs, ours_of, floor_eps * overall))
+        for name in names:
+            if name not in self._capture_of:
+                continue  # demoted above
+            cap, _local = self._capture_of[name]
+            if cap.name in bad_modules:
                 continue
-            bad_modules.add(cap.name)
+            for refs, ours_of, floor in checks:
+                ref = refs[name].reshape(-1)
+                ours = ours_of(done.factors[name]).reshape(-1) if name in done.factors else torch.zeros_like(ref)
+                err = float((ours.double() - ref.double()).norm())
+                if not math.isfinite(err):
+                    return None
+                if err > tol * float(ref.double().norm() + ours.double().norm()) + floor:
+                    bad_modules.add(cap.name)
+                    break
         if not bad_modules:
-            return False
-        logger.warning(
-            "Layers %s: per-row gradients from the layer's own inputs do not add up to the batch "
-            "gradient (is the weight also used outside the layer's forward?); using the generic "
-            "torch.func path for them.",
+            return bool(done.not_per_row)
+        self._demote(
             sorted(bad_modules),
+            "per-row gradients from the layer's own inputs do not match autograd's (is the weight also "
+            "used outside the layer's forward, or is its input shared by the rows?)",
         )
-        for cap in [c for c in self.captures if c.name in bad_modules]:
-            self.captures.remove(cap)
-            for local in cap.params:
-                name = f"{cap.name}.{local}" if cap.name else local
-                self._capture_of.pop(name, None)
-        self.fallback_names = [n for n in self.param_names if n not in self._capture_of]
         return True
 
-    def _fallback(self, xs: tuple[torch.Tensor, ...], y: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _demote(self, modules: Sequence[str], why: str) -> None:
+        """Move the parameters of the captured ``modules`` to the generic path, with a warning."""
+        logger.warning("Layers %s: %s; using the generic torch.func path for them.", sorted(modules), why)
+        for cap in [c for c in self.captures if c.name in set(modules)]:
+            self.captures.remove(cap)
+            for local in cap.params:
+                self._capture_of.pop(f"{cap.name}.{local}" if cap.name else local, None)
+        self.fallback_names = [n for n in self.param_names if n not in self._capture_of]
+
+    def _fallback(self, xs: ModelInputs, y: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.fallback_names:
             return {}
         params = {n: self.model.get_parameter(n).detach() for n in self.fallback_names}
 
-        def row_loss(p: dict[str, torch.Tensor], x_row: tuple[torch.Tensor, ...], y_row: torch.Tensor) -> torch.Tensor:
-            out = functional_call(self.model, p, tuple(x.unsqueeze(0) for x in x_row))
+        def row_loss(p: dict[str, torch.Tensor], x_row: ModelInputs, y_row: torch.Tensor) -> torch.Tensor:
+            one = map_inputs(lambda t: t.unsqueeze(0), x_row)
+            args, kwargs = ((), one) if isinstance(one, dict) else (one, None)
+            out = output_logits(functional_call(self.model, p, args, kwargs))
             return self.loss_fn(out, y_row.unsqueeze(0)).sum()
 
         if self._vmap_ok:
@@ -311,7 +398,42 @@ class GradientEngine:
         live = [self.model.get_parameter(n) for n in self.fallback_names]
         for i in range(y.shape[0]):
             with torch.enable_grad():
-                out = self.model(*(x[i : i + 1] for x in xs))
+                out = self._logits(index_inputs(xs, slice(i, i + 1)))
                 g = torch.autograd.grad(self.loss_fn(out, y[i : i + 1]).sum(), live, allow_unused=True)
             rows.append([torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, live)])
         return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(self.fallback_names)}
+
+
+_NOT_PER_ROW = ("their inputs have no entry per row (a tensor the rows share, or a batch flattened into "
+                "one dimension), so per-row gradients cannot come from them")
+
+# The first-batch check's absolute floor, in rounding errors (eps of the dtype) of the whole
+# gradient's norm: far above the noise of a sum of rounded terms, far below any real mistake.
+_FLOOR_ROUNDING_ERRORS = 256
+
+
+@dataclass
+class _Pass:
+    """What one forward/backward pass with the capture hooks gives."""
+
+    factors: dict[str, Factor]
+    outputs: torch.Tensor
+    losses: torch.Tensor
+    param_grads: tuple  # gradient of the summed loss to each requested parameter (None: unused)
+    row_grads: tuple  # gradient of the requested row's loss alone
+    not_per_row: list[str]  # captured layers whose inputs had no entry per row
+
+
+def _first_row(factor: Factor) -> Factor:
+    if isinstance(factor, DenseFactor):
+        return DenseFactor(factor.g[:1])
+    return OuterFactor(factor.u[:1], factor.v[:1], factor.index_size)
+
+
+def _same_outputs(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether two forward passes of the same rows gave the same outputs (up to rounding)."""
+    if a.shape != b.shape:
+        return False
+    tol = 1e-9 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 1e-2)
+    scale = float(b.detach().abs().max()) if b.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol * scale, equal_nan=True))

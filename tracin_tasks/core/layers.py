@@ -8,12 +8,15 @@ Supported exactly (``type(module) is ...``, so subclasses with their own ``forwa
 generic path): ``nn.Linear`` (any number of leading dimensions), ``nn.Conv1d``/``nn.Conv2d``
 (any padding mode, stride, dilation, groups), ``nn.Embedding`` and the affine parameters of
 ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``BatchNorm1d/2d/3d`` (running statistics) and
-``InstanceNorm1d/2d/3d``.
+``InstanceNorm1d/2d/3d``. An ``nn.Embedding`` called with an index tensor the rows share (batch
+dim 1, or none: position ids made inside ``forward``) has its output expanded to the batch so
+that its gradient stays per row (see :class:`Capture`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,17 +60,62 @@ def batch_coupling(module: nn.Module) -> str | None:
 
 @dataclass
 class Capture:
-    """Records (input, output) of one module during a forward pass."""
+    """Records (input, output) of one module during a forward pass.
+
+    The engine sets ``batch`` to the number of rows of the pass. An ``nn.Embedding`` may be
+    called with an index tensor that the whole batch shares: batch dim 1 (BERT's
+    ``position_ids`` of shape ``(1, L)``) or none at all (``torch.arange(L)``). The output's
+    gradient would then already be summed over the rows, so the hook expands that output to the
+    batch (a view with the same values, which broadcasts downstream as the original did) and the
+    gradient to it is per row. Whether an index tensor lacks the batch dim is decided per call
+    the first time the module runs (first dim neither 1 nor the batch) and kept for later
+    batches, whose size may differ; the engine's first-batch check confirms the choice.
+
+    An output that the model later changes in place (``nn.ReLU(inplace=True)`` after a
+    BatchNorm, as in torchvision's ResNets) would no longer be the layer's output when the
+    gradient to it is taken; the engine sees this (the tensor's version counter moved) and sets
+    ``clone``, after which the hook hands the model a copy and keeps the original.
+    """
 
     name: str
     module: nn.Module
     params: dict[str, nn.Parameter]  # selected own parameters on the fast path
     records: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     active: bool = False
+    batch: int | None = None  # rows in the current forward pass
+    spread: bool = True  # may expand a shared embedding index to the batch
+    spread_calls: int = 0  # calls expanded in the current pass
+    unbatched: dict[int, bool] = field(default_factory=dict)  # call number -> index has no batch dim
+    clone: bool = False  # hand the model a copy of the output (it modifies the output in place)
+    versions: list[int] = field(default_factory=list)  # version counter of each recorded output
 
-    def hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self.active and args and isinstance(output, torch.Tensor) and output.requires_grad:
-            self.records.append((args[0].detach(), output))
+    def modified_in_place(self) -> bool:
+        """Whether the model changed a recorded output in place after this module returned it."""
+        return any(out._version != v for (_, out), v in zip(self.records, self.versions))
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> torch.Tensor | None:
+        if not (self.active and isinstance(output, torch.Tensor) and output.requires_grad):
+            return None
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor):
+            return None
+        x = x.detach()
+        out = output
+        b = self.batch
+        if self.spread and b is not None and isinstance(module, nn.Embedding):
+            call = len(self.records)
+            if call not in self.unbatched:
+                self.unbatched[call] = x.dim() == 0 or x.shape[0] not in (1, b)
+            if self.unbatched[call]:
+                x, out = x.unsqueeze(0), out.unsqueeze(0)
+            if x.shape[0] == 1 and b > 1:
+                x, out = x.expand(b, *x.shape[1:]), out.expand(b, *out.shape[1:])
+        self.records.append((x, out))
+        self.versions.append(out._version)
+        if out is not output:
+            self.spread_calls += 1
+        handed = out.clone() if self.clone else out
+        return None if handed is output else handed
 
 
 def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:

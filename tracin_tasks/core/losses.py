@@ -1,4 +1,9 @@
-"""Per-row losses: "cross_entropy", "mse", or the user's own function."""
+"""Per-row losses: "cross_entropy", "mse", or the user's own function.
+
+A loss gets the model's outputs as a tensor. What a model returned as an object or dict with
+``logits`` (a Hugging Face ``ModelOutput``) or as a tuple is reduced to that tensor first
+(:func:`tracin_tasks.core.data.output_logits`), so a custom loss always sees the logits.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from tracin_tasks.core.data import output_logits
 from tracin_tasks.exceptions import ConfigurationError, DataError, LabelOutOfRangeError, LossError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    outputs = output_logits(outputs)
     if outputs.dim() < 2:
         raise LossError(
             f"loss='cross_entropy' needs model outputs of shape (batch, classes, ...), got "
@@ -31,6 +38,7 @@ def _cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    outputs = output_logits(outputs)
     if targets.shape != outputs.shape:
         if targets.numel() == outputs.numel():
             targets = targets.reshape(outputs.shape)
@@ -45,6 +53,7 @@ def _mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def check_class_labels(outputs: torch.Tensor, targets: torch.Tensor, first_row: int) -> None:
     """Raise :class:`LabelOutOfRangeError` naming the rows whose class label does not exist."""
+    outputs = output_logits(outputs)
     if targets.is_floating_point() or outputs.dim() < 2:
         return
     n_classes = outputs.shape[1]
@@ -77,6 +86,7 @@ def resolve_loss(loss: str | LossFn) -> LossFn:
         raise ConfigurationError(f"loss must be a name or a callable, got {type(loss).__name__}.")
 
     def checked(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        outputs = output_logits(outputs)
         value = loss(outputs, targets)
         batch = outputs.shape[0]
         if not isinstance(value, torch.Tensor) or value.dim() == 0:

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tracin_tasks.exceptions import CheckpointError, DataError, LabelOutOfRangeError
+from tracin_tasks.core.data import call_model, describe_inputs, output_logits
+from tracin_tasks.exceptions import CheckpointError, DataError, LabelOutOfRangeError, UnsupportedModelError
 
 
 def check_finite_weights(state_dict: Mapping[str, Any], step: Any, run_id: str) -> None:
@@ -25,27 +26,54 @@ def check_finite_weights(state_dict: Mapping[str, Any], step: Any, run_id: str) 
         )
 
 
-def check_labels_fit(model: torch.nn.Module, first_row: np.ndarray, labels: np.ndarray, row_ids: Sequence[Any],
+def check_labels_fit(model: torch.nn.Module, first_row: Any, labels: np.ndarray, row_ids: Sequence[Any],
                      loss: str, run_id: str) -> None:
     """Fail when the rows do not fit the model: one forward pass of the first row gives the number
     of classes, against which every label is checked (a classifier's audit).
 
+    ``first_row`` is what :meth:`TrainingTable.inputs` gives for ``slice(0, 1)``: an array (or
+    tensor) shaped ``(1, ...)``, passed as ``model(x)``; or a dict of such arrays, passed as
+    ``model(**inputs)`` (sequence columns such as ``input_ids``). Floating values are cast to the
+    model's dtype; integer ones (token ids) are kept as they are. The model may return its
+    outputs as a tensor, an object or dict with ``logits``, or a tuple led by them.
+
     Every negative label is refused, -100 (``cross_entropy``'s ``ignore_index``) included: training
     left such rows out of its loss, and an audit scores every row it is given.
     """
-    x = torch.from_numpy(first_row)
+    dtype = next(model.parameters()).dtype
+
+    def as_tensor(value: Any) -> torch.Tensor:
+        t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+        return t.to(dtype) if t.is_floating_point() else t
+
+    if isinstance(first_row, Mapping):
+        inputs: Any = {str(k): as_tensor(v) for k, v in first_row.items()}
+    elif isinstance(first_row, tuple):
+        inputs = tuple(as_tensor(v) for v in first_row)
+    else:
+        inputs = as_tensor(first_row)
+    was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x.to(next(model.parameters()).dtype))
+            returned = call_model(model, inputs)
     except Exception as exc:  # shape errors surface as RuntimeError/ValueError from torch
+        leaves = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, tuple) else (inputs,)
+        ints = ("; integer feature columns reach the model as int64 (token ids): if they are measurements, "
+                "store them as floats" if any(not t.is_floating_point() for t in leaves) else "")
         raise DataError(
-            f"The model of run {run_id} cannot take the training data's rows: a row of shape "
-            f"{tuple(x.shape[1:])} failed in the forward pass ({type(exc).__name__}: "
+            f"The model of run {run_id} cannot take the training data's rows: the first row, "
+            f"{describe_inputs(inputs)}, failed in the forward pass ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}). Check input_shape and feature_columns "
-            "given to log_training_data, and the model factory's arguments."
+            f"given to log_training_data, and the model factory's arguments{ints}."
         ) from exc
-    if loss != "cross_entropy" or not isinstance(out, torch.Tensor) or out.dim() < 2:
+    finally:
+        model.train(was_training)
+    try:
+        out = output_logits(returned)
+    except UnsupportedModelError:
+        return  # not a classifier's logits: nothing to check the labels against
+    if loss != "cross_entropy" or out.dim() < 2:
         return
     n_classes = int(out.shape[1])
     bad = (labels < 0) | (labels >= n_classes)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tracin_tasks.core.checkpoint import Checkpoint, check_checkpoints
-from tracin_tasks.core.data import dataset_length, iterate, make_loader
+from tracin_tasks.core.data import ModelInputs, dataset_length, iterate, make_loader, output_logits
 from tracin_tasks.core.engine import GradientEngine, select_parameters
 from tracin_tasks.core.factors import DenseFactor, Factor, Projector, choose_form, dots, materialise, squared_norms
 from tracin_tasks.core.losses import LossFn, check_class_labels, resolve_loss
@@ -74,8 +74,10 @@ class _Columns:
         return {k: np.concatenate(v) if v else np.empty(0) for k, v in self.parts.items()}
 
 
-def _row_signals(outputs: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> dict[str, np.ndarray]:
-    """Per-row loss, margin, prediction and confidence from a batch's outputs."""
+def _row_signals(outputs: Any, y: torch.Tensor, loss_fn: LossFn) -> dict[str, np.ndarray]:
+    """Per-row loss, margin, prediction and confidence from a batch's outputs (a tensor, or what
+    the model returned: an object or dict with ``logits``, a tuple led by the logits)."""
+    outputs = output_logits(outputs)
     with torch.no_grad():
         loss = loss_fn(outputs, y).double().cpu().numpy()
         b = outputs.shape[0]
@@ -116,6 +118,13 @@ class TracIn:
     per-row gradients; every other parameter goes through ``torch.func``. Scores are summed in
     float64. The model passed in is never changed: TracIn works on a private copy in eval mode.
 
+    Rows are ``(x, y)``, ``((x1, x2), y)``, or ``(dict_of_tensors, y)``: a dict is passed as
+    keyword arguments, ``model(**inputs)``, as Hugging Face models take ``input_ids``,
+    ``attention_mask`` and ``token_type_ids`` (floating inputs are cast to the compute dtype,
+    integer ones such as token ids keep theirs). The model may return the logits as a tensor,
+    as an object or dict with ``logits`` (a Hugging Face ``ModelOutput``), or as a tuple whose
+    first element they are.
+
     Args:
         model: the architecture of the training run (its current weights are not used).
         checkpoints: the checkpoints to sum over, each with its learning rate.
@@ -137,6 +146,10 @@ class TracIn:
         >>> ckpts = [Checkpoint(state_dict=sd, learning_rate=lr, step=s) for s, (sd, lr) in enumerate(saved)]
         >>> scores = TracIn(model, ckpts).self_influence(train_dataset, batch_size=256)
         >>> suspicious = scores.argsort()[::-1][:100]
+        >>> # a Hugging Face classifier, rows ({"input_ids": ..., "attention_mask": ...}, label)
+        >>> from tracin_tasks.core.data import TensorDictDataset
+        >>> rows = TensorDictDataset({"input_ids": ids, "attention_mask": mask}, labels)
+        >>> scores = TracIn(bert, ckpts).self_influence(rows, batch_size=32)
     """
 
     def __init__(
@@ -186,7 +199,8 @@ class TracIn:
         beyond the returned vector.
 
         Args:
-            data: a Dataset of ``(x, y)`` rows, or a DataLoader over one (not shuffled).
+            data: a Dataset of ``(x, y)`` or ``(dict_of_tensors, y)`` rows, or a DataLoader over
+                one (not shuffled).
             batch_size: rows per batch when ``data`` is a Dataset.
 
         Returns:
@@ -312,7 +326,7 @@ class TracIn:
         logger.warning("%d %s have non-finite gradients (%s); scored NaN: %s", len(rows), what, where, listed)
 
     def _side(
-        self, engine: GradientEngine, xs: tuple, y: torch.Tensor, offset: int, projector: Projector | None
+        self, engine: GradientEngine, xs: ModelInputs, y: torch.Tensor, offset: int, projector: Projector | None
     ) -> tuple[Any, np.ndarray]:
         """One batch's gradients, ready for dot products (projected, or factors), and the
         positions (in the data) of rows whose gradients are not finite."""

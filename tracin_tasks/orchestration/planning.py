@@ -31,7 +31,7 @@ def plan_audit(settings: AuditSettings, store: ResultsStore) -> AuditPlan:
         check_finite_weights(last.load_state_dict(), last.step, settings.run_id)
     model = source.build_model(spec)
     TracIn(model, [last], settings.loss, settings.layer_selection())
-    check_labels_fit(model, table.features(slice(0, 1)), table.labels, table.row_ids, settings.loss, settings.run_id)
+    check_labels_fit(model, table.inputs(slice(0, 1)), table.labels, table.row_ids, settings.loss, settings.run_id)
     store.check_writable()
     checkpoints = [
         {"step": r.step, "learning_rate": r.learning_rate, "lr_source": r.lr_source, "kind": r.kind,

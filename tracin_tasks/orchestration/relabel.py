@@ -69,6 +69,8 @@ def batch_for_audit(plan: AuditPlan, output_dir: str, audit_run_id: str | None =
         from tracin_tasks.orchestration.sources import training_table
 
         table = training_table(plan.settings, plan.fingerprint)
+        with_features = not table.sequence_columns  # token ids are no use to a reviewer: rows go by id
+    if with_features:
         shape = table.input_shape
         flagged = issues["flagged"].to_numpy(dtype=bool)
         positions = pd.Index(table.row_ids).get_indexer(issues["row_id"])
