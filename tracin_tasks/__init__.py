@@ -7,6 +7,7 @@ imported by this module.
 from tracin_tasks import exceptions
 from tracin_tasks.core import Checkpoint, CheckpointPass, TopInfluence, TracIn
 from tracin_tasks.core.flagging import FlagPolicy, find_label_issues
+from tracin_tasks.core.data import TensorDictDataset
 from tracin_tasks.core.table import TrainingTable
 from tracin_tasks.exceptions import TracInError
 
@@ -17,6 +18,7 @@ __all__ = [
     "CheckpointPass",
     "FlagPolicy",
     "TopInfluence",
+    "TensorDictDataset",
     "TracIn",
     "TracInError",
     "TrainingTable",

@@ -22,6 +22,11 @@ Formats:
 * ``.pt2`` archives (``torch.export``, MLflow 3's default model format): a JSON description and
   raw bytes per weight, read by :func:`read_pt2_file` without ``torch.export.load`` (which can
   fall back to full unpickling).
+* whole training checkpoints (Lightning's, or any ``{"state_dict": ..., "optimizer_states": ...}``
+  bundle) whose pickle also names classes that ``weights_only=True`` refuses (hyper-parameters):
+  :func:`read_full_checkpoint` reads the pickle with a restricted unpickler that never imports,
+  calls or constructs what it names, checks the declarations the same way, and returns the
+  state_dict's tensors and the rest as plain data (numbers, strings, lists, dicts).
 
 Only torch and the standard library are used here.
 """
@@ -34,12 +39,14 @@ import math
 import os
 import pickle
 import re
+import struct
 import zipfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
+from tracin_tasks.core.inert_pickle import MAX_PICKLE_BYTES, Declared, InertUnpickler, plain
 from tracin_tasks.exceptions import (
     CheckpointError,
     ModelTooLargeError,
@@ -251,6 +258,96 @@ def _check_torch_records(path: str, declared_obj: Any, label: str, max_parameter
             "allocate memory). Nothing was allocated; re-log the checkpoint from the training run."
         )
     check_declared_sizes(declared, max_parameters=max_parameters, what=label)
+
+
+# -- whole training checkpoints: the pickle read without importing or constructing what it names ---
+def read_full_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    tensors: bool = True,
+    expected: Mapping[str, Any] | None = None,
+    max_parameters: int | None = DEFAULT_MAX_PARAMETERS,
+    step: Any = None,
+    model_name: str = "the model",
+    what: str | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state_dict of a whole training checkpoint, and the rest as plain data; nothing unpickled.
+
+    For ``torch.save`` files whose pickle names classes ``weights_only=True`` refuses (Lightning's
+    hyper-parameters, optimizer extras). :class:`~tracin_tasks.core.inert_pickle.InertUnpickler` reads
+    it: no class or function it names is imported, called or constructed. Every declared storage is
+    checked against the bytes of its zip record, the state_dict's tensors against ``max_parameters``
+    and ``expected``, before any tensor exists; the tensors are then views of the memory-mapped file.
+    ``tensors=False`` maps nothing and returns an empty state_dict. Other arguments as for
+    :func:`read_torch_file`.
+
+    Raises:
+        ModelTooLargeError: a storage declared larger than its record, or sizes beyond the ceiling.
+        StateDictMismatchError: names or shapes differ from ``expected``.
+        CheckpointError: not a ``torch.save`` zip with tensors under ``state_dict``.
+
+    Returns:
+        ``(state_dict, rest)``: every other top-level entry as dicts, lists, numbers, strings and None
+        (other tensors, and objects of other classes, are None; a dict subclass keeps its items).
+
+    Example:
+        >>> state, rest = read_full_checkpoint("epoch=3-step=400.ckpt", expected=meta_model.state_dict())
+        >>> rest["optimizer_states"][0]["param_groups"][0]["lr"]
+    """
+    path, label = os.fspath(path), _name(os.fspath(path), what)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = {i.filename: i for i in archive.infolist()}
+            pickles = [n for n in infos if re.fullmatch(r"[^/]+/data\.pkl", n)]
+            if len(pickles) != 1 or infos[pickles[0]].file_size > MAX_PICKLE_BYTES:
+                raise CheckpointError(f"{label} is not a torch.save file with one data.pkl of at most "
+                                      f"{MAX_PICKLE_BYTES:,} bytes; re-log it from the training run.")
+            prefix = pickles[0].rsplit("/", 1)[0]
+            if f"{prefix}/byteorder" in infos and archive.read(f"{prefix}/byteorder").strip() != b"little":
+                raise CheckpointError(f"{label} was saved on a big-endian machine; re-save it on a little-endian one.")
+            unpickler = InertUnpickler(archive.read(pickles[0]))
+            obj = unpickler.load()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # not a zip, a damaged pickle, declarations that are not sizes
+        raise CheckpointError(f"{label} is not a readable torch.save file ({type(exc).__name__}: "
+                              f"{_first_line(exc)}); re-log it from the training run.") from None
+    records = {key: infos.get(f"{prefix}/data/{key}") for key in unpickler.storages}
+    for key, storage in unpickler.storages.items():
+        if records[key] is None or records[key].compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"{label} declares tensor data {key!r} that it does not hold as torch.save "
+                                  "stores it; it is damaged. Re-log it from the training run.")
+        if storage.nbytes != records[key].file_size:
+            raise ModelTooLargeError(
+                f"{label} declares a tensor storage of {storage.nbytes:,} bytes but stores {records[key].file_size:,} "
+                "bytes for it: the file does not hold what it claims (damaged, or crafted to make the reader allocate "
+                "memory). Nothing was allocated; re-log the checkpoint from the training run.")
+    state = _unwrap(obj)
+    declared = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, Declared)} \
+        if isinstance(state, Mapping) else {}
+    if not declared:
+        raise CheckpointError(f"{label} holds no tensors under 'state_dict'; it is not a training checkpoint.")
+    check_declared_sizes({k: (d.size, d.stride, d.offset, d.storage.dtype, d.storage.nbytes)
+                          for k, d in declared.items()}, max_parameters=max_parameters, what=label)
+    _check_against(expected, {k: d.size for k, d in declared.items()}, step, model_name)
+    try:
+        rest = plain({k: v for k, v in obj.items() if k != "state_dict"}) if state is not obj else {}
+    except ValueError as exc:
+        raise CheckpointError(f"{label} {exc}; it is not a training checkpoint this audit reads.") from None
+    if not tensors:
+        return {}, rest
+    size, views = os.path.getsize(path), {}
+    whole = torch.UntypedStorage.from_file(path, shared=False, nbytes=size)  # a private mapping, as mmap=True
+    with open(path, "rb") as fh:
+        for key in {d.storage.key for d in declared.values()}:
+            fh.seek(records[key].header_offset)
+            head = fh.read(30)  # the local header: its name and extra field come before the data
+            start = records[key].header_offset + 30 + sum(struct.unpack("<HH", head[26:30])) if len(head) == 30 else size
+            if head[:4] != b"PK\x03\x04" or start + records[key].file_size > size:
+                raise CheckpointError(f"{label} has a damaged record for tensor data {key!r}; re-log it.")
+            views[key] = whole[start:start + records[key].file_size]
+    return {k: torch.empty(0, dtype=d.storage.dtype).set_(views[d.storage.key], d.offset, d.size, d.stride)
+            for k, d in declared.items()}, rest
 
 
 def _trusted_load(path: str, label: str) -> dict[str, Any]:

@@ -8,14 +8,35 @@ to the layout of that kind. A new layout is one class here (or in a module of it
 
 1. ``helper`` — runs logged with :mod:`tracin_tasks.mlflow`: ``checkpoints/step_<N>/state_dict.pt``
    beside a ``meta.json`` holding the learning rate;
-2. ``artifact files`` — any other state_dict files among the run's artifacts, the step read from
-   the path (``ckpt/epoch_3.pt``, ``checkpoint-300/model.pth``...), the rate from a metric;
+2. ``artifact files`` — any other weight files among the run's artifacts (``torch.save`` files
+   ``.pt``/``.pth``, and ``.safetensors``), the step read from the path
+   (``mlflow.pytorch.log_state_dict(sd, artifact_path=f"checkpoints/epoch_{N}")`` writes
+   ``checkpoints/epoch_N/state_dict.pth``; ``ckpt/epoch_3.pt``, ``checkpoint-300/model.safetensors``...),
+   the rate from a metric;
 3. ``logged models`` — MLflow 3 LoggedModels linked to the run by step
-   (``mlflow.pytorch.log_model(..., step=N)``): ``.pt2`` weights read without unpickling;
-   pickle-format ones only with ``allow_pickle``.
+   (``mlflow.pytorch.log_model(model, name=..., step=N, input_example=...)``). MLflow 3.17 writes
+   them in one of two formats: ``pt2`` (the default; ``torch.export``, which is why it needs an
+   ``input_example``), read here without unpickling, and ``pickle``
+   (``serialization_format="pickle"``), read only with ``allow_pickle``. It has no safetensors
+   format; a LoggedModel that holds a ``.safetensors`` file (``mlflow.transformers``, a pyfunc
+   model's artifacts) is read from that file. LoggedModels whose ``log_model`` call failed
+   (status ``FAILED``: MLflow links them to the run all the same) are left out.
 
-Every file is read by :mod:`tracin_tasks.core.weights`: declared sizes and shapes are checked
-before any tensor is made.
+The learning rate of a checkpoint, in every layout, is the rate **in force while the model moved
+to that checkpoint**: the rate the optimizer used for the last update before the checkpoint was
+saved. The two generic layouts take it from the run's metric (``lr_metric``, ``--lr-metric``) at
+the checkpoint's own step, so a training loop logs, at the step it saves, the rate that epoch's
+updates used: read before ``scheduler.step()`` (``scheduler.get_last_lr()[0]`` or
+``optimizer.param_groups[0]["lr"]``), not after it, which is already the next epoch's rate. An
+optimizer or scheduler state saved after the scheduler stepped holds that next rate; a layout
+that reads rates from such states undoes the step. Where a layout finds rates logged at other
+steps than its checkpoints, it interpolates as the scheduler had it (between the logged points
+of a linear schedule, linearly); the generic layouts cannot know the schedule, so they use the
+metric at the checkpoint's step only and refuse the checkpoint when there is none (unless a
+``default_learning_rate`` is given).
+
+Every file is read by :mod:`tracin_tasks.core.weights` (or :mod:`tracin_tasks.core.safetensors_file`):
+declared sizes and shapes are checked before any tensor is made.
 """
 
 from __future__ import annotations
@@ -37,7 +58,11 @@ from tracin_tasks.integrations.mlflow.logging import CHECKPOINT_ROOT
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".pt", ".pth")
+#: ``torch.save`` files (read with ``weights_only=True``; pickled objects refused without ``allow_pickle``)
+TORCH_SUFFIXES = (".pt", ".pth")
+SAFETENSORS_SUFFIX = ".safetensors"
+#: every weight file a layout reads
+WEIGHT_SUFFIXES = (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX)
 #: top-level artifact folders that hold no checkpoints (data, specs, ground truth, audits)
 _SKIP_DIRS = {"training_data", "tracin", "ground_truth", "audit"}
 _STEP_RE = re.compile(r"(?:step|epoch|ckpt|checkpoint|iter|iteration)[_\-=]?(\d+)", re.IGNORECASE)
@@ -111,8 +136,17 @@ def step_of(path: str) -> int | None:
     return int(ints[-1]) if ints else None
 
 
+def read_weights_file(path: str, allow_pickle: bool, limits: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A downloaded weight file, by its suffix: safetensors, else ``torch.save`` (declarations checked first)."""
+    if path.endswith(SAFETENSORS_SUFFIX):
+        from tracin_tasks.core.safetensors_file import read_safetensors_file
+
+        return read_safetensors_file(path, **limits)
+    return read_torch_file(path, allow_pickle=allow_pickle, **limits)
+
+
 def _read_artifact(run: RunFiles, ref: CheckpointRef, limits: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return read_torch_file(run.download(ref.location), allow_pickle=run.allow_pickle, **limits)
+    return read_weights_file(run.download(ref.location), run.allow_pickle, limits)
 
 
 class HelperFolders:
@@ -207,10 +241,13 @@ class ArtifactFiles:
 
 
 def _pick(run: RunFiles, step: int, paths: list[str]) -> str:
-    """The model's weight file among a step's files (not an optimizer's)."""
+    """The model's weight file among a step's files (not an optimizer's; safetensors over a pickle format)."""
     paths = [p for p in paths if "optim" not in p.rsplit("/", 1)[-1].lower()] or paths
     if len(paths) > 1:
         preferred = [p for p in paths if re.search(r"state_dict|model", p.rsplit("/", 1)[-1])]
+        safe = [p for p in preferred if p.endswith(SAFETENSORS_SUFFIX)]
+        if len(safe) == 1:  # e.g. model.safetensors beside a state_dict.pth of the same weights
+            preferred = safe
         if len(preferred) != 1:
             raise CheckpointError(
                 f"Run {run.run_id} has several weight files for step {step}: {paths}. Pass "
@@ -221,7 +258,7 @@ def _pick(run: RunFiles, step: int, paths: list[str]) -> str:
 
 
 class LoggedModels:
-    """MLflow 3 LoggedModels in the run's outputs, by step."""
+    """MLflow 3 LoggedModels in the run's outputs, by step (failed ones left out)."""
 
     name, kind = "logged models", "logged_model"
 
@@ -230,12 +267,58 @@ class LoggedModels:
         model_outputs = list(getattr(outputs, "model_outputs", None) or [])
         if not model_outputs:
             return []
+        found = []  # (linked step, model id, name)
+        for out in model_outputs:
+            model = run.logged_model(out.model_id)
+            if str(getattr(model, "status", None) or "") == "FAILED":  # a failed log_model call still links it
+                logger.warning("run %s: leaving out LoggedModel %s (%r, step %s): its status is FAILED (its "
+                               "log_model call failed)", run.run_id, out.model_id, getattr(model, "name", None), out.step)
+                continue
+            found.append((int(out.step), out.model_id, str(getattr(model, "name", None) or "")))
+        if not found:
+            return []
         history = run.lr_history()
         refs = []
-        for out in model_outputs:
-            lr, lr_source = learning_rate_at(int(out.step), history, {})
-            refs.append(CheckpointRef(int(out.step), lr, lr_source, self.kind, out.model_id))
+        for step, model_id in self._steps(run, found):
+            lr, lr_source = learning_rate_at(step, history, {})
+            refs.append(CheckpointRef(step, lr, lr_source, self.kind, model_id))
         return refs
+
+    @staticmethod
+    def _steps(run: RunFiles, found: list[tuple[int, str, str]]) -> list[tuple[int, str]]:
+        """Each LoggedModel's step: the step it is linked at; where several share one, the number in
+        their names (``epoch_3``), and a LoggedModel named without one (``model``, ``final``) beside
+        one whose name gives that step is left out (the final model logged without ``step=``)."""
+        by_step: dict[int, list[tuple[str, str]]] = {}
+        for step, model_id, name in found:
+            by_step.setdefault(step, []).append((model_id, name))
+        if all(len(group) == 1 for group in by_step.values()):
+            return [(step, group[0][0]) for step, group in by_step.items()]
+        named = {model_id: step_of(name) if name else None for _, model_id, name in found}
+        numbers = [n for n in named.values() if n is not None]
+        if len(numbers) == len(found) and len(set(numbers)) == len(numbers):
+            logger.info("run %s: its LoggedModels share steps; using the step in each one's name", run.run_id)
+            return [(named[model_id], model_id) for _, model_id, _ in found]
+        kept = []
+        for step, group in by_step.items():
+            if len(group) > 1:
+                same = [(model_id, name) for model_id, name in group if named[model_id] == step]
+                if len(same) == 1:
+                    left = [name or model_id for model_id, name in group if model_id != same[0][0]]
+                    logger.info("run %s: step %d has several LoggedModels; using %r (its name gives the step), "
+                                "leaving out %s", run.run_id, step, same[0][1], left)
+                    group = same
+                else:
+                    shown = ", ".join(f"{model_id} ({name!r})" for model_id, name in group[:10])
+                    raise CheckpointError(
+                        f"Run {run.run_id} has {len(group)} LoggedModels at step {step}: {shown}, and their names "
+                        "do not tell their steps apart; an audit needs each checkpoint's own step. Log each "
+                        "checkpoint with its step: mlflow.pytorch.log_model(model, name=f\"epoch_{epoch}\", "
+                        "step=epoch, input_example=...), or as state_dict files: mlflow.pytorch.log_state_dict("
+                        "model.state_dict(), artifact_path=f\"checkpoints/epoch_{epoch}\")."
+                    )
+            kept.append((step, group[0][0]))
+        return kept
 
     def read(self, run: RunFiles, ref: CheckpointRef, limits: dict[str, Any]) -> dict[str, torch.Tensor]:
         model_id = ref.location
@@ -243,16 +326,51 @@ class LoggedModels:
         pt2 = [p for p in names if p.endswith(".pt2")]
         if pt2:
             return read_pt2_file(run.download(pt2[0], model_id=model_id), **limits)
-        pickled = [p for p in names if p.endswith(WEIGHT_SUFFIXES)]
+        pickled = [p for p in names if p.endswith(TORCH_SUFFIXES)]
+        safe = [p for p in self._walk(run, model_id) if p.endswith(SAFETENSORS_SUFFIX)]
+        if safe:  # safetensors before any pickle format beside it
+            return read_weights_file(run.download(self._one(run, ref, safe), model_id=model_id), False, limits)
         if pickled:
             if not run.allow_pickle:
                 raise UnsafeCheckpointError(
-                    f"LoggedModel {model_id} was saved in pickle format ({pickled[0]}); loading it would "
-                    "unpickle arbitrary objects. Log models in the default pt2 format, or pass "
-                    "allow_pickle=True if you trust this run."
+                    f"LoggedModel {model_id} (step {ref.step}) of run {run.run_id} was saved in pickle format "
+                    f"({pickled[0]}); loading it would unpickle arbitrary objects. Log models in MLflow's default "
+                    "pt2 format (mlflow.pytorch.log_model(model, name=..., step=..., input_example=...)) or as "
+                    "state_dict files (mlflow.pytorch.log_state_dict), or pass allow_pickle=True (--allow-pickle) "
+                    "only if you trust whoever can write to this run."
                 )
             return read_torch_file(run.download(pickled[0], model_id=model_id), allow_pickle=True, **limits)
-        raise CheckpointError(f"LoggedModel {model_id} has no weights file under data/ (found {names}).")
+        raise CheckpointError(
+            f"LoggedModel {model_id} (step {ref.step}) of run {run.run_id} holds no weights an audit reads: no "
+            f"data/*.pt2, no .safetensors file, no data/*.pth (found {names[:20]}). Log checkpoints with "
+            "mlflow.pytorch.log_model(model, name=..., step=..., input_example=...) (pt2) or "
+            "mlflow.pytorch.log_state_dict(model.state_dict(), artifact_path=f\"checkpoints/epoch_{epoch}\")."
+        )
+
+    @staticmethod
+    def _walk(run: RunFiles, model_id: str, path: str | None = None, depth: int = 0) -> list[str]:
+        """The LoggedModel's files (a few levels deep), for weights outside ``data/``."""
+        files = []
+        for info in run.list_logged_model(model_id, path):
+            if info.is_dir:
+                if depth < 3:
+                    files.extend(LoggedModels._walk(run, model_id, info.path, depth + 1))
+            else:
+                files.append(info.path)
+        return files
+
+    @staticmethod
+    def _one(run: RunFiles, ref: CheckpointRef, paths: list[str]) -> str:
+        if len(paths) == 1:
+            return paths[0]
+        named = [p for p in paths if re.fullmatch(r"(model|state_dict)\.safetensors", p.rsplit("/", 1)[-1])]
+        if len(named) == 1:
+            return named[0]
+        raise CheckpointError(
+            f"LoggedModel {ref.location} (step {ref.step}) of run {run.run_id} holds several safetensors files "
+            f"({paths[:10]}); an audit reads one file per checkpoint (sharded weights are not read). Save the "
+            "model's state_dict as one file (safetensors.torch.save_file(model.state_dict(), \"model.safetensors\"))."
+        )
 
 
 #: the layouts, in the order they are tried
