@@ -14,8 +14,11 @@ def snippet(doc: str, heading: str, index: int = 0, language: str = "python") ->
     text = (DOCS / doc).read_text(encoding="utf-8")
     lines = text.splitlines()
     start = level = None
+    fenced = False
     for i, line in enumerate(lines):
-        m = re.match(r"^(#+)\s+(.*)$", line)
+        if line.startswith("```"):
+            fenced = not fenced
+        m = None if fenced else re.match(r"^(#+)\s+(.*)$", line)
         if not m:
             continue
         if start is None and heading in m.group(2):

@@ -62,8 +62,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parse_args``, except that an unknown option is refused by the (sub)command's own parser, with
+    the closest option it has (Python 3.11's argparse suggests none)."""
+    import difflib
+
+    args, unknown = parser.parse_known_args(argv)
+    if not unknown:
+        return args
+    target, pending = parser, [parser]
+    while pending:  # down to the subcommand that was named
+        for action in pending.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+                target = action.choices[getattr(args, action.dest)]
+                pending.append(target)
+    known = [o for a in target._actions for o in a.option_strings if o.startswith("--")]
+    hints = [f"{typed}: did you mean {close[0]}?" for typed in (u.split("=", 1)[0] for u in unknown)
+             if typed.startswith("--") and (close := difflib.get_close_matches(typed, known, n=1))]
+    target.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else ""))
+    raise AssertionError("unreachable: ArgumentParser.error exits")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     if args.command == "demo":
         from tracin_tasks.cli.demo import run_demo
 

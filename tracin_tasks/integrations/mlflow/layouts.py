@@ -272,7 +272,8 @@ class LoggedModels:
             model = run.logged_model(out.model_id)
             if str(getattr(model, "status", None) or "") == "FAILED":  # a failed log_model call still links it
                 logger.warning("run %s: leaving out LoggedModel %s (%r, step %s): its status is FAILED (its "
-                               "log_model call failed)", run.run_id, out.model_id, getattr(model, "name", None), out.step)
+                               "log_model call failed)", run.run_id, out.model_id, getattr(model, "name", None),
+                               out.step)
                 continue
             found.append((int(out.step), out.model_id, str(getattr(model, "name", None) or "")))
         if not found:

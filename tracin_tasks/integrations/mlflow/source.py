@@ -30,6 +30,7 @@ from tracin_tasks.integrations.mlflow.layouts import (
     find_checkpoints_with_layout,
     read_checkpoint,
 )
+from tracin_tasks.integrations.mlflow import hf_layout  # noqa: F401  (registers the Hugging Face Trainer layout)
 from tracin_tasks.integrations.mlflow.learning_rates import checked_learning_rates
 from tracin_tasks.integrations.mlflow.logging import FACTORY_SPEC, LR_METRIC
 from tracin_tasks.integrations.model_factory import (
