@@ -279,7 +279,7 @@ class MlflowCheckpointSource:
         from_layout = getattr(layout, "model_spec", None)
         spec = from_layout(self, self._select(found)) if from_layout and found else None
         if spec is not None:  # the checkpoints describe their own architecture (e.g. a config.json)
-            return spec
+            return ModelSpec(spec.factory, {**spec.kwargs, **self.model_kwargs}, spec.origin)
         try:
             spec = read_small_json(self.cache, FACTORY_SPEC)
         except CheckpointError:
