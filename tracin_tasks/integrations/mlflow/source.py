@@ -31,6 +31,7 @@ from tracin_tasks.integrations.mlflow.layouts import (
     read_checkpoint,
 )
 from tracin_tasks.integrations.mlflow import hf_layout  # noqa: F401  (registers the Hugging Face Trainer layout)
+from tracin_tasks.integrations.mlflow import lightning_layout  # noqa: F401  (registers the Lightning layout)
 from tracin_tasks.integrations.mlflow.learning_rates import checked_learning_rates
 from tracin_tasks.integrations.mlflow.logging import FACTORY_SPEC, LR_METRIC
 from tracin_tasks.integrations.model_factory import (
