@@ -213,6 +213,21 @@ def test_no_unpickling_call_in_the_package_outside_the_opt_in():
     assert set(opt_in) == {("weights.py", "_trusted_load")}, opt_in
 
 
+def test_the_only_unpickler_of_the_package_is_the_inert_one():
+    """Static guard: a pickle.Unpickler subclass exists only in core/inert_pickle.py, and its
+    find_class returns nothing it imported (no import, getattr or __import__ in its body)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef) and any("Unpickler" in ast.unparse(b) for b in node.bases):
+                found.append((path.name, node.name))
+                methods = {f.name: f for f in node.body if isinstance(f, ast.FunctionDef)}
+                body = ast.unparse(methods["find_class"])
+                assert "import" not in body and "getattr" not in body and "super()" not in body, body
+    assert found == [("inert_pickle.py", "InertUnpickler")], found
+
+
 # -- escaping -------------------------------------------------------------------------------------
 HOSTILE_IDS = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "[click](javascript:alert(3))",
                "**bold** _it_ `code` | pipe | # head", "</td></tr></table><b>x</b>"]
