@@ -231,8 +231,13 @@ def _forget_secrets(**parameters: Any) -> None:
         logger.warning("could not redact the parameters %s of this flow run: %s", sorted(leaking), type(exc).__name__)
 
 
-def find_latest_auditable_run(experiment_name: str, tracking_uri: str | None = None) -> str:
-    """The most recently finished run of an experiment that logged checkpoints for an audit."""
+def find_latest_auditable_run(experiment_name: str, tracking_uri: str | None = None,
+                              tagged_only: bool = True) -> str:
+    """The most recently finished run of an experiment that logged checkpoints for an audit.
+
+    ``tagged_only``: only runs that ``tracin_tasks.mlflow.log_checkpoint`` tagged; False takes the
+    latest finished run whatever wrote it (Hugging Face Trainer, Lightning, plain MLflow logging).
+    """
     import mlflow
 
     from tracin_tasks.exceptions import NoCheckpointsError, RunNotFoundError
@@ -242,17 +247,22 @@ def find_latest_auditable_run(experiment_name: str, tracking_uri: str | None = N
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise RunNotFoundError(f"MLflow has no experiment named {experiment_name!r}; check the name and tracking URI.")
+    wanted = "attributes.status = 'FINISHED'"
     runs = client.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`{AUDITABLE_TAG}` = 'true' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{AUDITABLE_TAG}` = 'true' and {wanted}" if tagged_only else wanted,
         order_by=["attributes.end_time DESC"],
         max_results=1,
     )
     if not runs:
-        raise NoCheckpointsError(
-            f"Experiment {experiment_name!r} has no finished run with checkpoints logged by "
-            "tracin_tasks.mlflow.log_checkpoint; nothing to audit."
-        )
+        if tagged_only:
+            raise NoCheckpointsError(
+                f"Experiment {experiment_name!r} has no finished run with checkpoints logged by "
+                "tracin_tasks.mlflow.log_checkpoint (tag tracin.checkpoints). For runs written by another "
+                "training stack (Hugging Face, Lightning, plain MLflow), set tagged_only=False to audit the "
+                "latest finished run."
+            )
+        raise NoCheckpointsError(f"Experiment {experiment_name!r} has no finished run; nothing to audit.")
     return runs[0].info.run_id
 
 
@@ -277,8 +287,12 @@ def audit_latest_run(
     training_data: str | None = None,
     label_column: str | None = None,
     row_id_column: str | None = None,
+    tagged_only: bool = True,
 ) -> dict[str, Any]:
     """Audit the latest finished run of an experiment (for a nightly schedule).
+
+    The latest run that ``tracin_tasks.mlflow.log_checkpoint`` tagged; with ``tagged_only=False``,
+    the latest finished run whatever wrote it (docs/runs.md).
 
     Each audited run gets ``<output_root>/<run_id>``; re-auditing a run that was already audited
     with the same settings reuses every stored cell. Flagged rows go to the ``relabel`` sinks;
@@ -292,7 +306,7 @@ def audit_latest_run(
     _forget_secrets(tracking_uri=tracking_uri, relabel=relabel)
     refuse_uri_credentials(tracking_uri, "The tracking URI")
     apply_mlflow_credentials(mlflow_secret_block)
-    run_id = find_latest_auditable_run(experiment_name, tracking_uri)
+    run_id = find_latest_auditable_run(experiment_name, tracking_uri, tagged_only)
     get_run_logger().info("latest finished run of %r is %s", experiment_name, run_id)
     return audit_training_run(
         run_id=run_id, tracking_uri=tracking_uri, layers=layers, max_checkpoints=max_checkpoints,
