@@ -288,6 +288,8 @@ def audit_latest_run(
     label_column: str | None = None,
     row_id_column: str | None = None,
     tagged_only: bool = True,
+    default_learning_rate: float | None = None,
+    artifact_path: str | None = None,
 ) -> dict[str, Any]:
     """Audit the latest finished run of an experiment (for a nightly schedule).
 
@@ -298,8 +300,8 @@ def audit_latest_run(
     with the same settings reuses every stored cell. Flagged rows go to the ``relabel`` sinks;
     rows for a sink that is down wait in ``<output_root>/outbox``, shared by every nightly run, so
     the next night delivers them. ``trusted_modules``, ``model_factory``, ``model_kwargs``,
-    ``max_parameters``, ``mlflow_secret_block``, ``lr_metric``, ``training_data``, ``label_column`` and
-    ``row_id_column`` are passed to :func:`audit_training_run`.
+    ``max_parameters``, ``mlflow_secret_block``, ``lr_metric``, ``default_learning_rate``, ``artifact_path``,
+    ``training_data``, ``label_column`` and ``row_id_column`` are passed to :func:`audit_training_run`.
     """
     from tracin_tasks._uris import refuse_uri_credentials
 
@@ -315,7 +317,8 @@ def audit_latest_run(
         relabel=relabel, outbox_dir=os.path.join(output_root, "outbox"), trusted_modules=trusted_modules,
         model_factory=model_factory, model_kwargs=model_kwargs, max_parameters=max_parameters,
         mlflow_secret_block=mlflow_secret_block, lr_metric=lr_metric, training_data=training_data,
-        label_column=label_column, row_id_column=row_id_column,
+        label_column=label_column, row_id_column=row_id_column, default_learning_rate=default_learning_rate,
+        artifact_path=artifact_path,
     )
 
 
