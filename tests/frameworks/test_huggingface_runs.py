@@ -357,10 +357,11 @@ def trainer_run(request, support, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cli_audit(trainer_run, support):
-    """``tracin-tasks audit`` of the run in a fresh process, its own download cache."""
+def cli_audit(trainer_run, support, prefect_api):
+    """``tracin-tasks audit`` of the run in a fresh process, its own download cache (on the session's
+    Prefect server: tests/flows covers the CLI's own temporary server)."""
     root = trainer_run.root / "audit"
-    env = support.subprocess_env(root / "state", make_dirs=True)
+    env = support.subprocess_env(root / "state", make_dirs=True, PREFECT_API_URL=prefect_api)
     out = root / "out"
     proc = support.start_cli(["audit", "--run-id", trainer_run.run_id, "--tracking-uri", trainer_run.uri,
                               "--training-data", str(trainer_run.work / "training-data"), "--label-column", "label",

@@ -431,7 +431,7 @@ def autolog_run(mlflow_server, support, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cli_audit(autolog_run, support):
+def cli_audit(autolog_run, support, prefect_api):
     """docs/runs.md's ``tracin-tasks audit`` command, in a fresh process from the training folder."""
     from _harness.snippets import snippet
 
@@ -442,7 +442,8 @@ def cli_audit(autolog_run, support):
     out = autolog_run.root / "audit-out"
     args = [out.as_posix() if previous == "--output" else a for previous, a in zip([None, *args], args)]
     root = autolog_run.root / "audit"
-    env = support.subprocess_env(root / "state", make_dirs=True)
+    # the session's Prefect server (tests/flows covers the CLI's own temporary server)
+    env = support.subprocess_env(root / "state", make_dirs=True, PREFECT_API_URL=prefect_api)
     env["PYTHONPATH"] = os.pathsep.join([str(autolog_run.work), env["PYTHONPATH"]])  # the doc's PYTHONPATH=.
     proc = support.start_cli([*args[2:], "--no-validate", "--no-mlflow-report"], env, root, cwd=autolog_run.work)
     try:

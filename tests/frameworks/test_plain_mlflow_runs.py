@@ -84,7 +84,7 @@ def load_models_module(folder: Path):
 
 
 @pytest.fixture(scope="module")
-def plain_runs(mlflow_server, support, tmp_path_factory):
+def plain_runs(mlflow_server, support, tmp_path_factory, prefect_api):
     """The three runs trained (in parallel), then the doc's audits of the first two started (in parallel)."""
     root = tmp_path_factory.mktemp("plain-mlflow")
     models = snippet(DOC, SECTION, 0)
@@ -106,7 +106,7 @@ def plain_runs(mlflow_server, support, tmp_path_factory):
     for variant, index in (("state_dict", 0), ("logged_model", 1)):
         run = runs[variant]
         args, doc_env = audit_command(index, run["run_id"], mlflow_server.uri)
-        env = dict(run["env"])
+        env = dict(run["env"], PREFECT_API_URL=prefect_api)  # tests/flows covers the CLI's temporary server
         # PYTHONPATH=. first, as the doc has it (the CLI runs in the folder that holds my_models.py)
         env["PYTHONPATH"] = os.pathsep.join([doc_env.pop("PYTHONPATH"), env["PYTHONPATH"]])
         env.update(doc_env)

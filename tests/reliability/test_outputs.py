@@ -130,11 +130,11 @@ for i in range(tries):
 
 
 def test_two_audits_into_one_folder_with_validation_take_turns(api, mlflow_store, tmp_path):
-    """Two CLI processes, ten times started together (a file barrier), audit one run into one
+    """Two CLI processes, five times started together (a file barrier), audit one run into one
     output folder with Great Expectations validation on: both succeed every time, and after each
     try the folder shows one whole audit. (Without the folder's lock, GX's stores race: one audit
-    exited with GX's untyped error in 2 of 4 tries.)"""
-    tries = 10
+    exited with GX's untyped error in 2 of 4 tries, so five tries miss it about once in 30.)"""
+    tries = 5
     run = mlflow_store.log_run(name="two-at-once")
     out = tmp_path / "out"
     barrier = tmp_path / "barrier"
