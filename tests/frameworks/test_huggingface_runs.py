@@ -12,6 +12,7 @@ schedules whose every rate is known.
 from __future__ import annotations
 
 import json
+import time
 import math
 import struct
 import subprocess
@@ -367,11 +368,13 @@ def cli_audit(trainer_run, support, prefect_api):
                               "--training-data", str(trainer_run.work / "training-data"), "--label-column", "label",
                               "--row-id-column", "row_id", "--output", str(out), "--no-validate",
                               "--no-mlflow-report"], env, root)
+    started = time.monotonic()
     try:
         proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             support.stop_process(proc, group=True)
+    print(f"\nHugging Face run: CLI audit took {time.monotonic() - started:.1f} s")  # for the record, not asserted
     stdout, stderr = support.cli_output(root)
     return SimpleNamespace(code=proc.returncode, stdout=stdout, stderr=stderr, out=out,
                            cache=Path(env["TRACIN_TASKS_CACHE_DIR"]))
@@ -451,4 +454,5 @@ def test_cli_audit_of_a_trainer_run_equals_tracin_on_its_files(trainer_run, cli_
     top = set(frame.sort_values("self_influence", ascending=False, kind="stable")["row_id"].head(k))
     by_loss = {row_ids[i] for i in np.argsort(-final_loss, kind="stable")[:k]}
     recall, baseline = len(top & flipped) / k, len(by_loss & flipped) / k
+    print(f"\nHugging Face run: recall of the {k} flips in the top {k}: TracIn {recall:.2f}, final loss {baseline:.2f}")
     assert recall >= 0.5 and recall > baseline, (recall, baseline)

@@ -20,6 +20,7 @@ import pickle
 import shlex
 import subprocess
 import sys
+import time
 import uuid
 import zipfile
 from collections import OrderedDict
@@ -446,11 +447,13 @@ def cli_audit(autolog_run, support, prefect_api):
     env = support.subprocess_env(root / "state", make_dirs=True, PREFECT_API_URL=prefect_api)
     env["PYTHONPATH"] = os.pathsep.join([str(autolog_run.work), env["PYTHONPATH"]])  # the doc's PYTHONPATH=.
     proc = support.start_cli([*args[2:], "--no-validate", "--no-mlflow-report"], env, root, cwd=autolog_run.work)
+    started = time.monotonic()
     try:
         proc.wait(timeout=600)
     finally:
         if proc.poll() is None:
             support.stop_process(proc, group=True)
+    print(f"\nLightning run: CLI audit took {time.monotonic() - started:.1f} s")  # for the record, not asserted
     stdout, stderr = support.cli_output(root)
     return SimpleNamespace(code=proc.returncode, stdout=stdout, stderr=stderr, out=out, args=args,
                            cache=Path(env["TRACIN_TASKS_CACHE_DIR"]))
@@ -536,4 +539,5 @@ def test_cli_audit_of_an_autolog_run_equals_tracin_on_its_files(autolog_run, cli
     top = set(frame.sort_values("self_influence", ascending=False, kind="stable")["row_id"].head(k))
     by_loss = {row_ids[i] for i in np.argsort(-final_loss, kind="stable")[:k]}
     recall, baseline = len(top & flipped) / k, len(by_loss & flipped) / k
+    print(f"\nLightning run: recall of the {k} flips in the top {k}: TracIn {recall:.2f}, final loss {baseline:.2f}")
     assert k == 20 and recall >= 0.8 and recall > baseline, (recall, baseline)

@@ -180,6 +180,8 @@ def check_audit(run, uri, states, rates, support, tmp_path) -> pd.DataFrame:
     assert len(flipped) == N_ROWS // 10
     ids = rows["row_id"].to_numpy()
     found, baseline = recall(expected, ids, flipped), recall(final_loss, ids, flipped)
+    print(f"\nplain MLflow run: recall of the {len(flipped)} flips in the top {len(flipped)}: TracIn {found:.2f}, "
+          f"final loss {baseline:.2f}")  # for the record
     assert found > baseline, (f"recall of the flips in the top {len(flipped)}: TracIn {found:.3f}, "
                               f"final loss {baseline:.3f}")
     return frame
