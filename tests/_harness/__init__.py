@@ -28,7 +28,7 @@ from .env import (
     server_env,
     subprocess_env,
 )
-from .files import CELL_FIELDS, assert_complete_cells, cell_files, files_containing, leftovers
+from .files import CELL_FIELDS, assert_complete_cells, cell_files, files_containing, leftovers, torch_save_declaring
 from .mlflow_server import MlflowServer, TcpGate
 from .procs import (
     answers,
@@ -57,7 +57,7 @@ from .runs import (
 __all__ = [
     "BIN", "CELL_FIELDS", "REPO_ROOT", "STATE", "TESTS", "DigitsRun", "MlflowServer", "Once", "TcpGate", "answers",
     "assert_complete_cells", "cell_files", "cli_output", "core_scores", "digits_run", "direct_scores",
-    "files_containing", "free_port", "guard_mlflow_globals", "kill_group", "leftovers", "mlflow_target",
+    "files_containing", "free_port", "torch_save_declaring", "guard_mlflow_globals", "kill_group", "leftovers", "mlflow_target",
     "one_torch_thread", "quiet_env", "restored_environ", "server_env", "sqlite_store", "start_cli", "start_logged",
     "stop_process", "subprocess_env", "tail", "train_digits", "wait_for", "wait_for_http",
 ]

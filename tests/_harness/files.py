@@ -61,3 +61,42 @@ def files_containing(root: Path, needle: bytes, user: str = "auditor") -> list[s
             if any(f in data for f in forms):
                 hits.append(str(path))
     return hits
+
+
+def torch_save_declaring(sizes: tuple[int, ...], strides: tuple[int, ...], numel: int, payload: bytes, *,
+                         name: str = "0.weight", wrap=None) -> bytes:
+    """A torch.save zip whose one tensor ``name`` declares ``sizes``/``strides`` over a storage of
+    ``numel`` float32 elements, with ``payload`` as the stored bytes (written by hand: torch.save
+    cannot be made to lie). ``wrap(state_dict)`` gives the object pickled instead of the bare
+    state_dict (e.g. a Lightning-shaped ``{"state_dict": ..., "global_step": 1}``)."""
+    import collections
+    import io
+    import pickle
+    import zipfile
+
+    import torch
+    from torch._utils import _rebuild_tensor_v2
+
+    class StorageRef:
+        pass
+
+    ref = StorageRef()
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj is ref else None
+
+    class Tensor:
+        def __reduce__(self):
+            return (_rebuild_tensor_v2, (ref, 0, sizes, strides, False, collections.OrderedDict()))
+
+    state = collections.OrderedDict([(name, Tensor())])
+    data = io.BytesIO()
+    Pickler(data, protocol=2).dump(wrap(state) if wrap else state)
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("archive/data.pkl", data.getvalue())
+        zf.writestr("archive/byteorder", "little")
+        zf.writestr("archive/data/0", payload)
+        zf.writestr("archive/version", "3\n")
+    return out.getvalue()

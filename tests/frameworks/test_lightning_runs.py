@@ -23,7 +23,6 @@ import sys
 import time
 import uuid
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -34,7 +33,6 @@ import torch
 
 pl = pytest.importorskip("pytorch_lightning")
 
-import tracin_tasks.integrations.mlflow.lightning_layout  # noqa: E402,F401  (registers the layout here)
 from tracin_tasks.core.weights import read_full_checkpoint  # noqa: E402
 from tracin_tasks.exceptions import CheckpointError, ModelTooLargeError, StateDictMismatchError  # noqa: E402
 from tracin_tasks.integrations.mlflow.lightning_layout import LightningCheckpoints, rate_in_force  # noqa: E402
@@ -173,30 +171,11 @@ def rewrite(data: bytes, change) -> bytes:
 
 def declaring(sizes, strides, numel: int, payload: bytes) -> bytes:
     """A Lightning-shaped checkpoint whose one weight declares ``sizes``/``strides`` over a storage of
-    ``numel`` float32 elements, ``payload`` stored (written by hand: torch.save cannot be made to lie)."""
-    from torch._utils import _rebuild_tensor_v2
+    ``numel`` float32 elements, ``payload`` stored."""
+    from _harness.files import torch_save_declaring
 
-    class StorageRef:
-        pass
-
-    ref = StorageRef()
-
-    class Pickler(pickle.Pickler):
-        def persistent_id(self, obj):
-            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj is ref else None
-
-    class Tensor:
-        def __reduce__(self):
-            return (_rebuild_tensor_v2, (ref, 0, sizes, strides, False, OrderedDict()))
-
-    data = io.BytesIO()
-    Pickler(data, protocol=2).dump({"state_dict": OrderedDict([("net.0.weight", Tensor())]), "global_step": 1})
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr("archive/data.pkl", data.getvalue())
-        zf.writestr("archive/byteorder", "little")
-        zf.writestr("archive/data/0", payload)
-    return out.getvalue()
+    return torch_save_declaring(sizes, strides, numel, payload, name="net.0.weight",
+                                wrap=lambda state: {"state_dict": state, "global_step": 1})
 
 
 def test_declarations_are_checked_before_anything_is_allocated(tmp_path):

@@ -21,7 +21,6 @@ Payloads:
 
 from __future__ import annotations
 
-import collections
 import io
 import json
 import os
@@ -86,37 +85,6 @@ def torch_legacy_with_object(marker: Path) -> bytes:
     buf = io.BytesIO()
     torch.save({"x": MarkerPayload(marker)}, buf, _use_new_zipfile_serialization=False)
     return buf.getvalue()
-
-
-def torch_save_declaring(sizes: tuple[int, ...], strides: tuple[int, ...], numel: int, payload: bytes) -> bytes:
-    """A torch.save zip whose one tensor ``0.weight`` declares ``sizes``/``strides`` over a storage of
-    ``numel`` float32 elements, with ``payload`` as the stored bytes (written by hand: torch.save
-    cannot be made to lie)."""
-    import torch
-    from torch._utils import _rebuild_tensor_v2
-
-    class StorageRef:
-        pass
-
-    ref = StorageRef()
-
-    class Pickler(pickle.Pickler):
-        def persistent_id(self, obj):
-            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj is ref else None
-
-    class Tensor:
-        def __reduce__(self):
-            return (_rebuild_tensor_v2, (ref, 0, sizes, strides, False, collections.OrderedDict()))
-
-    data = io.BytesIO()
-    Pickler(data, protocol=2).dump(collections.OrderedDict([("0.weight", Tensor())]))
-    out = io.BytesIO()
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr("archive/data.pkl", data.getvalue())
-        zf.writestr("archive/byteorder", "little")
-        zf.writestr("archive/data/0", payload)
-        zf.writestr("archive/version", "3\n")
-    return out.getvalue()
 
 
 def pt2_archive(path: Path, weights: dict[str, dict]) -> None:
@@ -292,7 +260,7 @@ def test_nothing_a_run_records_runs_code_or_exhausts_memory(api, mlflow_store, t
         payloads.append(P(f".pt2, {name}", run_with_logged_model(mlflow_store, {"model.pt2": pt2.read_bytes()}, tmp_path),
                           m("never"), "claims more data than it holds"))
         numel = 0 if not data else 1
-        saved = torch_save_declaring(sizes, strides, numel if data else huge[0] * huge[1], data)
+        saved = support.torch_save_declaring(sizes, strides, numel if data else huge[0] * huge[1], data)
         payloads.append(P(f"torch.save, {name}", run_with_checkpoint(mlflow_store, saved, tmp_path),
                           m("never"), "claims more data than it holds"))
     big = mlflow_store.log_run(checkpoints=1, name="huge factory kwargs")
