@@ -17,9 +17,10 @@ STATE ?= $(CURDIR)/.state
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 # torch comes from pip (which knows where this machine keeps its build); everything else from uv,
-# in seconds where pip takes minutes. uv uses the system's certificates, as pip does here.
+# in seconds where pip takes minutes. uv uses the system's certificates, as pip does here, and compiles
+# the bytecode as pip does (the tests start many Python processes, and PYTHONDONTWRITEBYTECODE is set).
 UV ?= uv>=0.13,<0.14
-UV_FLAGS ?= -q --native-tls
+UV_FLAGS ?= -q --native-tls --compile-bytecode
 
 # Every tool keeps its state in this checkout and stays offline.
 export DO_NOT_TRACK := 1
