@@ -149,6 +149,21 @@ def test_validation_state_is_shown(validation, state):
     assert re.search(rf"data validation<b class='\w+'>{state}</b>", source)
 
 
+@pytest.mark.parametrize("positions", [False, True])
+def test_where_the_rows_came_from_is_shown(positions):
+    """The report says where the rows came from, the label column, and when rows are known only by
+    their position (a table without a row-id column: docs/runs.md)."""
+    inputs = hostile_inputs(with_images=False)
+    inputs.info = {**inputs.info, "training_data": {
+        "source": "/data/<rows>.parquet", "label_column": "labels", "row_id_column": "row_id",
+        "row_ids_are_positions": positions}}
+    source = render_report(inputs, plots={})
+    assert "<td>rows from</td><td>/data/&lt;rows&gt;.parquet</td>" in source
+    assert "<td>label column</td><td><code>labels</code></td>" in source
+    assert ("row positions</span> (the data has no row-id column" in source) is positions
+    assert ("<td>row ids</td><td><code>row_id</code></td>" in source) is not positions
+
+
 def _check_page(page, allowed: set[str], requests: list[str], failures: list[str]) -> None:
     assert failures == [], failures
     odd = [u for u in requests if not (u.startswith("data:") or u in allowed)]
