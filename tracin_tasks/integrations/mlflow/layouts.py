@@ -41,9 +41,7 @@ declared sizes and shapes are checked before any tensor is made.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -52,7 +50,6 @@ import torch
 
 from tracin_tasks.core.weights import read_pt2_file, read_torch_file
 from tracin_tasks.exceptions import CheckpointError, ConfigurationError, UnsafeCheckpointError
-from tracin_tasks.integrations.mlflow.cache import MAX_SPEC_BYTES
 from tracin_tasks.integrations.mlflow.learning_rates import learning_rate_at
 from tracin_tasks.integrations.mlflow.logging import CHECKPOINT_ROOT
 
@@ -108,7 +105,8 @@ class RunFiles(Protocol):
     def metric_history(self, name: str) -> dict[int, float]: ...
     def list_logged_model(self, model_id: str, path: str | None = "data") -> list: ...
     def logged_model(self, model_id: str) -> Any: ...
-    def read_json(self, path: str, model_id: str | None = None, max_bytes: int = ...) -> Any: ...
+    def read_json(self, path: str, model_id: str | None = None, max_bytes: int = ...,
+                  listed_size: int | None = None) -> Any: ...
 
 
 class CheckpointLayout(Protocol):
@@ -176,25 +174,10 @@ class HelperFolders:
 
     @staticmethod
     def _meta(run: RunFiles, folder: str, listed_size: int | None) -> dict[str, Any]:
-        def refuse() -> None:
-            raise ConfigurationError(
-                f"{folder}/meta.json of run {run.run_id} is larger than {MAX_SPEC_BYTES:,} bytes; a checkpoint's "
-                "meta.json is a few hundred bytes, so the audit does not read it. Re-log the checkpoint with "
-                "tracin_tasks.mlflow.log_checkpoint.")
-
-        if (listed_size or 0) > MAX_SPEC_BYTES:
-            refuse()
-        try:
-            local = run.download(f"{folder}/meta.json")  # cached, like the checkpoint file beside it
-        except CheckpointError:
-            return {}
-        if os.path.getsize(local) > MAX_SPEC_BYTES:  # the listing may understate it
-            refuse()
-        try:
-            with open(local, encoding="utf-8") as fh:
-                meta = json.load(fh)
-        except ValueError:
-            logger.warning("ignoring %s/meta.json of run %s: not JSON", folder, run.run_id)
+        try:  # cached, like the checkpoint file beside it; a few hundred bytes, capped
+            meta = run.read_json(f"{folder}/meta.json", listed_size=listed_size or 0)
+        except CheckpointError as exc:
+            logger.warning("ignoring %s/meta.json of run %s: %s", folder, run.run_id, exc)
             return {}
         return meta if isinstance(meta, dict) else {}
 

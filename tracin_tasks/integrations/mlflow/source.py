@@ -170,27 +170,32 @@ class MlflowCheckpointSource:
         """An MLflow ``LoggedModel`` (its name, tags, params, step)."""
         return self.client.call("get LoggedModel", lambda: self.client.mlflow.get_logged_model(model_id))
 
-    def read_json(self, path: str, model_id: str | None = None, max_bytes: int = MAX_SPEC_BYTES) -> Any:
+    def read_json(self, path: str, model_id: str | None = None, max_bytes: int = MAX_SPEC_BYTES,
+                  listed_size: int | None = None) -> Any:
         """A JSON file of the run (or of one of its LoggedModels), refused unread above ``max_bytes``.
+
+        ``listed_size``: the size a listing the caller already made gives (saves listing again).
 
         Raises:
             CheckpointError: the file is missing or is not JSON.
             ConfigurationError: it is larger than ``max_bytes``.
         """
         rel = safe_relpath(path)
-        folder = rel.rsplit("/", 1)[0] if "/" in rel else None
         where = f"{rel} of LoggedModel {model_id}" if model_id else f"{rel} of run {self.run_id}"
-        listing = self.list_logged_model(model_id, folder) if model_id else self.list(folder)
-        sizes = {f.path: f.file_size for f in listing if not f.is_dir}
-        if rel not in sizes:
-            raise CheckpointError(f"{where} does not exist.")
+        if listed_size is None:
+            folder = rel.rsplit("/", 1)[0] if "/" in rel else None
+            listing = self.list_logged_model(model_id, folder) if model_id else self.list(folder)
+            sizes = {f.path: f.file_size for f in listing if not f.is_dir}
+            if rel not in sizes:
+                raise CheckpointError(f"{where} does not exist.")
+            listed_size = sizes[rel] or 0
 
         def refuse(size: int) -> None:
-            raise ConfigurationError(f"{where} is {size:,} bytes, more than the {max_bytes:,} such a file can be; "
-                                     "the audit does not read it.")
+            raise ConfigurationError(f"{where} is larger than {max_bytes:,} bytes ({size:,}): such a file is small, "
+                                     "so the audit does not read it.")
 
-        if (sizes[rel] or 0) > max_bytes:
-            refuse(sizes[rel])
+        if listed_size > max_bytes:
+            refuse(listed_size)
         local = self.download(rel, model_id=model_id)
         if os.path.getsize(local) > max_bytes:  # the listing may understate it
             refuse(os.path.getsize(local))
